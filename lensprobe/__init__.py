@@ -1,0 +1,21 @@
+"""lensprobe: how information moves through a transformer, for TransformerLens models.
+
+Hook-based extractors for five papers (over-squashing, OV smoothing, block coupling,
+stacked retrieval heads, token-priority graphs). Every extractor takes a TransformerLens
+model (HookedTransformer or TransformerBridge) and returns a result object, and leaves
+the model exactly as it found it.
+"""
+
+from ._tl import BACKEND, TL_VERSION
+from .core import guard, hooked_fn, jacobian, jvp_cols, run_hooked, vjp_rows
+from .errors import InputError, LensprobeError, ModelError, NonFiniteError
+from .inputs import to_tokens
+from .models import (
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    tiny_model,
+    word_tokenizer,
+)
+
+__version__ = "0.1.0"

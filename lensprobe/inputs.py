@@ -1,0 +1,202 @@
+"""Input handling shared by every extractor: tokens, hook names, layers, heads, dtypes.
+
+Every check raises :class:`lensprobe.errors.InputError` (a ``ValueError``) or
+:class:`~lensprobe.errors.ModelError` with a message that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Sequence
+
+import torch
+
+from . import _tl
+from .errors import InputError, NonFiniteError
+
+__all__ = [
+    "to_tokens",
+    "check_hook",
+    "check_layer",
+    "check_head",
+    "check_finite",
+    "check_float_dtype",
+    "model_device",
+    "resolve_device",
+]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> cpu; a CUDA device that is not available raises a clear error."""
+    if device is None:
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"device {str(device)!r} was asked for but CUDA is not available on this machine;"
+            " use device='cpu'."
+        )
+    return dev
+
+
+def _has_tokenizer(model: Any) -> bool:
+    return getattr(model, "tokenizer", None) is not None
+
+
+def to_tokens(
+    model: Any,
+    tokens: Any,
+    *,
+    prepend_bos: bool | None = None,
+) -> torch.Tensor:
+    """Normalise model input to a LongTensor of shape [batch, pos] on the model's device.
+
+    Accepts a tensor or nested list of token ids ([pos] or [batch, pos]), a string, or a
+    list of strings (tokenised with the model's tokenizer; ``prepend_bos`` as in
+    TransformerLens). Checks: not empty, integer ids inside [0, d_vocab), length <= n_ctx.
+    """
+    _tl.require_model(model)
+    if isinstance(tokens, str) or (
+        isinstance(tokens, (list, tuple)) and tokens and all(isinstance(t, str) for t in tokens)
+    ):
+        if not _has_tokenizer(model):
+            raise InputError(
+                "got text but the model has no tokenizer (models built with lp.tiny_model"
+                " have none); pass token ids as a tensor [batch, pos], or attach a tokenizer."
+            )
+        if isinstance(tokens, str) and tokens == "" or isinstance(tokens, (list, tuple)) and any(
+            t == "" for t in tokens
+        ):
+            raise InputError("empty input: got an empty string; pass at least one token.")
+        kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
+        toks = model.to_tokens(tokens, **kw)
+    else:
+        if isinstance(tokens, torch.Tensor):
+            toks = tokens
+        else:
+            try:
+                toks = torch.as_tensor(tokens)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise InputError(
+                    f"cannot read tokens of type {type(tokens).__name__}: {e}. Pass a tensor"
+                    " [batch, pos] of token ids, a list of ids, or text."
+                ) from e
+        if toks.is_floating_point() or toks.is_complex() or toks.dtype == torch.bool:
+            raise InputError(
+                f"token ids must be integers, got dtype {toks.dtype}; pass a LongTensor"
+                " (tokens.long()) of ids, not embeddings or probabilities."
+            )
+        if toks.ndim == 1:
+            toks = toks.unsqueeze(0)
+        if toks.ndim != 2:
+            raise InputError(
+                f"tokens must have shape [pos] or [batch, pos], got {tuple(toks.shape)}."
+            )
+    if toks.numel() == 0:
+        raise InputError(
+            f"empty input: tokens have shape {tuple(toks.shape)}; pass at least one token."
+        )
+    n_ctx = model.cfg.n_ctx
+    if toks.shape[1] > n_ctx:
+        raise InputError(
+            f"sequence length {toks.shape[1]} is longer than the model's n_ctx={n_ctx};"
+            f" truncate to tokens[:, -{n_ctx}:] or use a model with a longer context."
+        )
+    d_vocab = model.cfg.d_vocab
+    lo, hi = int(toks.min()), int(toks.max())
+    if lo < 0 or hi >= d_vocab:
+        raise InputError(
+            f"token ids must lie in [0, {d_vocab}) (d_vocab), found ids in [{lo}, {hi}];"
+            " check the tokenizer or the task vocabulary matches the model."
+        )
+    return toks.long().to(model_device(model))
+
+
+def check_hook(model: Any, name: str) -> str:
+    """Return ``name`` if the model has that hook point, else a clear error with suggestions."""
+    hooks = model.hook_dict
+    if name in hooks:
+        return name
+    close = difflib.get_close_matches(name, list(hooks), n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise InputError(
+        f"the model has no hook point {name!r}.{hint} List them with"
+        " list(model.hook_dict) (e.g. 'blocks.0.hook_resid_pre', 'ln_final.hook_normalized')."
+    )
+
+
+def check_layer(model: Any, layer: int, *, allow_end: bool = False) -> int:
+    """Validate a layer index (negative counts from the end) and return it non-negative.
+
+    ``allow_end`` admits ``n_layers`` itself (the position after the last block).
+    """
+    n = model.cfg.n_layers
+    top = n + 1 if allow_end else n
+    if not isinstance(layer, (int,)) or isinstance(layer, bool):
+        raise InputError(f"layer must be an int, got {type(layer).__name__}.")
+    if not -top <= layer < top:
+        raise InputError(
+            f"layer {layer} is out of range: the model has {n} layers, valid layers are"
+            f" 0..{top - 1} (or negative from the end)."
+        )
+    return layer % top
+
+
+def check_head(model: Any, head: int) -> int:
+    n = model.cfg.n_heads
+    if not isinstance(head, int) or isinstance(head, bool) or not -n <= head < n:
+        raise InputError(
+            f"head {head} is out of range: each layer has {n} heads, valid heads are 0..{n - 1}."
+        )
+    return head % n
+
+
+def check_layers(model: Any, layers: Sequence[int] | int | None) -> list[int]:
+    """``None`` -> all layers; an int or a list -> validated, non-negative list."""
+    if layers is None:
+        return list(range(model.cfg.n_layers))
+    if isinstance(layers, int):
+        layers = [layers]
+    return [check_layer(model, int(l)) for l in layers]
+
+
+def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    """Raise NonFiniteError if ``t`` holds NaN or inf."""
+    if t.is_floating_point() or t.is_complex():
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            n_bad = int(bad.sum())
+            raise NonFiniteError(
+                f"{what} contains {n_bad} NaN/inf values out of {t.numel()}. The model's"
+                " weights or inputs produce non-finite activations; check the weights"
+                " (torch.isfinite(p).all() for each parameter) or run in float32/float64."
+            )
+    return t
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_dtype(
+    dtype: torch.dtype, allowed: Sequence[torch.dtype] = _FLOAT_DTYPES, *, what: str = "analysis"
+) -> torch.dtype:
+    if dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise InputError(
+            f"the {what} cannot run in {dtype}; use one of {names} (e.g. model.to(torch.float32)"
+            " or dtype=torch.float64 for reference computations)."
+        )
+    return dtype
