@@ -19,3 +19,4 @@ from .models import (
 )
 
 __version__ = "0.1.0"
+from . import tasks, views

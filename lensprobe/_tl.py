@@ -126,8 +126,10 @@ def is_folded(model: Any) -> bool:
     if norm in ("LNPre", "RMSPre"):
         return True
     if is_bridge(model):
-        return bool(getattr(model, "compatibility_mode", False)) and bool(
-            getattr(model, "_lensprobe_fold_ln", getattr(model.cfg, "layer_norm_folding", True))
+        # TL 4.3 leaves cfg.normalization_type at 'LN' and cfg.layer_norm_folding False
+        # after enable_compatibility_mode(); the adapter records what was requested.
+        return bool(getattr(model, "_weights_processed", False)) and bool(
+            getattr(model.adapter, "_fold_ln_requested", False)
         )
     return False
 

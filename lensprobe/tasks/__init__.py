@@ -1,0 +1,6 @@
+"""Synthetic tasks with ground truth: retrieval chains, counting/copying, priority graphs.
+
+Every task follows :class:`lensprobe.tasks.base.Task` (seeded ``sample`` -> :class:`Batch`).
+"""
+
+from .base import IGNORE, Batch, Task

@@ -1,0 +1,58 @@
+"""Shared fixtures. The whole suite runs once per installed TransformerLens (see Makefile)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest
+import torch
+
+import lensprobe as lp
+
+
+def state_fingerprint(model: torch.nn.Module) -> dict:
+    """Everything an extractor must leave untouched: weights, modes, grad flags, hooks."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    hooks = []
+    for name, m in model.named_modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+            d = getattr(m, attr, {})
+            hooks += [(name, attr, k, id(f)) for k, f in d.items()]
+        if isinstance(m, lp._tl.HookPoint):
+            hooks += [(name, "fwd", id(hd)) for hd in m.fwd_hooks]
+            hooks += [(name, "bwd", id(hd)) for hd in m.bwd_hooks]
+    return {
+        "weights": h.hexdigest(),
+        "training": [(n, m.training) for n, m in model.named_modules()],
+        "requires_grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
+        "hooks": hooks,
+    }
+
+
+@pytest.fixture
+def fingerprint():
+    return state_fingerprint
+
+
+@pytest.fixture
+def tiny():
+    """A small float64 model factory: tiny(**overrides)."""
+
+    def make(**kw):
+        opts = dict(n_layers=2, n_heads=2, d_model=16, d_vocab=12, n_ctx=32, dtype=torch.float64)
+        opts.update(kw)
+        return lp.tiny_model(**opts)
+
+    return make
+
+
+def pytest_report_header(config):
+    return f"lensprobe backend: {lp.BACKEND} (transformer-lens {lp.TL_VERSION})"
