@@ -20,3 +20,5 @@ from .models import (
 
 __version__ = "0.1.0"
 from . import tasks, views
+from .coupling import block_jacobians, coupling, coupling_metric, trajectory_metrics, coupling_through_training, CouplingTracker
+from .training import train, evaluate, TrainResult
