@@ -377,8 +377,10 @@ def _load_pretrained_hooked(
 ) -> HookedRootModule:
     if not local:
         return HookedTransformer.from_pretrained(name_or_path, device=device, dtype=dtype, **kwargs)
-    # TL 2.x resolves a directory's config itself (convert_hf_model_config reads
-    # config.json when the path has one) but still needs the weights and tokenizer handed in.
+    # HookedTransformer.from_pretrained insists on an official model name, but the loading
+    # functions it calls accept a local directory (they read its config.json); this is the
+    # middle of from_pretrained with the name check left out.
+    from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=dtype)
@@ -386,11 +388,47 @@ def _load_pretrained_hooked(
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError):
         tokenizer = None
-    return HookedTransformer.from_pretrained(
+    cfg = loading.get_pretrained_model_config(
         name_or_path,
-        hf_model=hf_model,
-        tokenizer=tokenizer,
+        hf_cfg=hf_model.config.to_dict(),
+        fold_ln=kwargs["fold_ln"],
         device=device,
         dtype=dtype,
-        **kwargs,
     )
+    state_dict = loading.get_pretrained_state_dict(name_or_path, cfg, hf_model, dtype=dtype)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, **kwargs)
+    return model.to(device) if device is not None else model
+
+
+def attn_scale(model: Any, layer: int) -> float:
+    """The divisor of q.k in layer ``layer``'s attention scores (scores = q.k / scale).
+
+    HookedTransformer keeps it on the attention module (``attn_scale``, layer-index
+    scaling included); native bridges on their ``NativeAttention`` (``scale``; TL 4.3
+    uses sqrt(d_head) whenever cfg.attn_scale <= 0, whatever ``use_attn_scale`` says);
+    HuggingFace attention modules inside bridges multiply by ``scaling``. Otherwise the
+    config decides (sqrt(d_head) by default).
+    """
+    import math
+
+    attn = model.blocks[layer].attn
+    scale = getattr(attn, "attn_scale", None)
+    if isinstance(scale, (int, float)) and scale > 0:
+        return float(scale)
+    orig = getattr(attn, "original_component", None)
+    scale = getattr(orig, "scale", None)
+    if isinstance(scale, (int, float)) and scale > 0:
+        return float(scale)
+    scaling = getattr(orig, "scaling", None)
+    if isinstance(scaling, (int, float)) and scaling > 0:
+        return 1.0 / float(scaling)
+    cfg = model.cfg
+    if getattr(cfg, "use_attn_scale", True):
+        s = getattr(cfg, "attn_scale", -1.0)
+        s = float(s) if s is not None and s > 0 else math.sqrt(cfg.d_head)
+    else:
+        s = 1.0
+    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+        s *= layer + 1
+    return s

@@ -81,8 +81,12 @@ def to_tokens(
             t == "" for t in tokens
         ):
             raise InputError("empty input: got an empty string; pass at least one token.")
-        kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
-        toks = model.to_tokens(tokens, **kw)
+        vocab = getattr(model, "_lensprobe_vocab", None)
+        if vocab is not None:
+            toks = _word_tokens(vocab, [tokens] if isinstance(tokens, str) else list(tokens))
+        else:
+            kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
+            toks = model.to_tokens(tokens, **kw)
     else:
         if isinstance(tokens, torch.Tensor):
             toks = tokens
@@ -94,6 +98,10 @@ def to_tokens(
                     f"cannot read tokens of type {type(tokens).__name__}: {e}. Pass a tensor"
                     " [batch, pos] of token ids, a list of ids, or text."
                 ) from e
+        if toks.numel() == 0:
+            raise InputError(
+                f"empty input: tokens have shape {tuple(toks.shape)}; pass at least one token."
+            )
         if toks.is_floating_point() or toks.is_complex() or toks.dtype == torch.bool:
             raise InputError(
                 f"token ids must be integers, got dtype {toks.dtype}; pass a LongTensor"
@@ -123,6 +131,26 @@ def to_tokens(
             " check the tokenizer or the task vocabulary matches the model."
         )
     return toks.long().to(model_device(model))
+
+
+def _word_tokens(vocab: list[str], texts: list[str]) -> torch.Tensor:
+    """Whitespace-split words -> ids for models with a lensprobe word vocabulary."""
+    index = {w: i for i, w in enumerate(vocab)}
+    rows = []
+    for text in texts:
+        words = text.split()
+        unknown = [w for w in words if w not in index]
+        if unknown:
+            raise InputError(
+                f"words {unknown[:5]} are not in the model's vocabulary of {len(vocab)} tokens;"
+                f" known tokens look like {vocab[:6]}."
+            )
+        rows.append([index[w] for w in words])
+    if len({len(r) for r in rows}) > 1:
+        raise InputError(
+            "texts of different lengths cannot form one batch; pass them one at a time."
+        )
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def check_hook(model: Any, name: str) -> str:
