@@ -1,0 +1,51 @@
+# lensprobe: two commands set up everything from nothing.
+#   make report   virtual environment (newest TransformerLens) + the main job on the embedded default
+#   make test     both virtual environments (TL 4.x bridge, TL 2.18 HookedTransformer) + every test
+# torch is pinned through constraints.txt (2.13.0: a local CPU wheel on the project's machines).
+
+PYTHON    ?= python3
+VENV      := .venv
+VENV_TL2  := .venv-tl2
+PIP_FLAGS := -q --disable-pip-version-check -c constraints.txt
+OUT       ?= report
+PYTEST_ARGS ?=
+
+.PHONY: report test test-tl4 test-tl2 bench browser venvs clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) torch==2.13.0
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[dev]"
+	touch $@
+
+$(VENV_TL2)/.installed: pyproject.toml constraints.txt
+	test -x $(VENV_TL2)/bin/python || $(PYTHON) -m venv $(VENV_TL2)
+	$(VENV_TL2)/bin/pip install $(PIP_FLAGS) torch==2.13.0
+	$(VENV_TL2)/bin/pip install $(PIP_FLAGS) "transformer-lens==2.18.*" "pyarrow<26" -e ".[dev]"
+	touch $@
+
+venvs: $(VENV)/.installed $(VENV_TL2)/.installed
+
+# Headless chromium for the browser tests (Debian package; root on the project's machines).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium for the browser tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "could not install chromium: the browser tests will fail with instructions"; }
+
+report: $(VENV)/.installed
+	$(VENV)/bin/lensprobe report --out $(OUT)
+
+test-tl4: $(VENV)/.installed browser
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+test-tl2: $(VENV_TL2)/.installed
+	$(VENV_TL2)/bin/python -m pytest -q --ignore=tests/test_tutorials.py $(PYTEST_ARGS)
+
+test: test-tl4 test-tl2
+
+bench: $(VENV)/.installed
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) $(VENV_TL2) $(OUT) .pytest_cache
