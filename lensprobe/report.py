@@ -1,0 +1,238 @@
+"""The main job: every analysis on one model, one self-contained HTML page plus a JSON.
+
+``run_report()`` (and ``lensprobe report``) resolves the model (zoo name, checkpoint, local
+HuggingFace directory or hub name), picks prompts (the model's own task when it is a zoo
+model, else ``--prompt`` text or a seeded random sample), runs each section, and writes
+
+* ``report.html``: plots as inline PNG, circuitsvis views with their bundle inlined once,
+  graphs as inline SVG; no external reference, so it opens offline;
+* ``report.json``: the headline figures of every section, and which sections were skipped
+  and why.
+
+A section that does not apply to the model (no retrieval task for a language model, ...)
+is skipped with its reason, or replaced by the nearest analysis that applies.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import _tl, views, zoo
+from .errors import InputError
+from .inputs import model_device, resolve_device, to_tokens
+from .models import load_model, vocab_of
+
+__all__ = ["run_report", "ReportResult", "Section", "SECTION_NAMES"]
+
+
+class Skip(Exception):
+    """Raised by a section that does not apply to this model; the message says why."""
+
+
+@dataclass
+class Section:
+    name: str
+    title: str
+    text: str = ""  # one or two sentences: what the figure shows, what to conclude
+    parts: list[Any] = field(default_factory=list)  # Views and trusted HTML strings
+    headline: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class Context:
+    model: Any
+    name: str
+    zoo_name: str | None
+    tokens: torch.Tensor  # [batch, pos] prompts
+    str_tokens: list[list[str]]
+    task: Any | None
+    progress: bool
+
+
+@dataclass
+class ReportResult:
+    html_path: Path
+    json_path: Path
+    sections: list[Section]
+    seconds: float
+    headline: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- model + prompts
+def _resolve_model(spec: str | None, device: str) -> tuple[Any, str, str | None]:
+    dev = resolve_device(device)
+    if spec is None:
+        spec = zoo.DEFAULT
+    if spec in zoo.names():
+        return zoo.load(spec, device=dev), spec, spec
+    p = Path(spec)
+    looks_like_path = p.suffix == ".safetensors" or spec.startswith((".", "/", "~")) or p.exists()
+    if looks_like_path and not p.exists():
+        raise InputError(
+            f"model path {spec!r} does not exist; pass a zoo name ({', '.join(zoo.names())}),"
+            " a lensprobe checkpoint, a local HuggingFace directory, or a hub name."
+        )
+    return load_model(spec, device=str(dev)), spec, None
+
+
+def _task_for(zoo_name: str | None) -> Any | None:
+    if zoo_name is None:
+        return None
+    card = zoo.info(zoo_name)
+    task = card.get("task")
+    if not task:
+        return None
+    from . import tasks as T
+
+    cls = getattr(T, task["class"])
+    return cls(**task.get("kwargs", {}))
+
+
+def _prompts(model: Any, task: Any | None, prompts: list[str] | None, n: int = 4):
+    if prompts:
+        toks = torch.cat([to_tokens(model, p) for p in prompts[:1]])  # first prompt sets length
+        rows = [to_tokens(model, p) for p in prompts]
+        if len({r.shape[1] for r in rows}) == 1:
+            toks = torch.cat(rows)
+        strs = [_str_tokens(model, r) for r in toks]
+        return toks, strs
+    if task is not None:
+        batch = task.sample(n, torch.Generator().manual_seed(0))
+        toks = batch.tokens.to(model_device(model))
+        return toks, [task.str_tokens(t) for t in batch.tokens]
+    g = torch.Generator().manual_seed(0)
+    length = min(64, model.cfg.n_ctx)
+    toks = torch.randint(0, model.cfg.d_vocab, (n, length), generator=g).to(model_device(model))
+    return toks, [_str_tokens(model, t) for t in toks]
+
+
+def _str_tokens(model: Any, toks: torch.Tensor) -> list[str]:
+    vocab = vocab_of(model)
+    if vocab is not None:
+        return [vocab[i] for i in toks.tolist()]
+    return [str(i) for i in toks.tolist()]
+
+
+# --------------------------------------------------------------------------- sections
+def _model_card(ctx: Context) -> Section:
+    cfg = ctx.model.cfg
+    card = zoo.info(ctx.zoo_name) if ctx.zoo_name else {}
+    rows = {
+        "model": ctx.name,
+        "backend": f"{type(ctx.model).__name__} (transformer-lens {_tl.TL_VERSION})",
+        "layers x heads": f"{cfg.n_layers} x {cfg.n_heads}",
+        "d_model / d_head / d_mlp": f"{cfg.d_model} / {cfg.d_head} / {getattr(cfg, 'd_mlp', None)}",
+        "n_ctx / d_vocab": f"{cfg.n_ctx} / {cfg.d_vocab}",
+        "normalization": str(cfg.normalization_type),
+        "positional": str(cfg.positional_embedding_type),
+        "attention": str(getattr(cfg, "attention_dir", "causal")),
+        "layer norm folded": str(_tl.is_folded(ctx.model)),
+        "parameters": f"{sum(p.numel() for p in ctx.model.parameters()):,}",
+        "prompts analysed": f"{ctx.tokens.shape[0]} x {ctx.tokens.shape[1]} tokens",
+    }
+    for k in ("script", "seed", "metrics"):
+        if k in card:
+            rows[f"training {k}"] = json.dumps(card[k]) if not isinstance(card[k], str) else card[k]
+    table = "<table>" + "".join(
+        f"<tr><th>{views.escape(k)}</th><td>{views.escape(v)}</td></tr>" for k, v in rows.items()
+    ) + "</table>"
+    example = " ".join(ctx.str_tokens[0][:48])
+    return Section(
+        "model", "Model card",
+        text="What was analysed: the architecture, where it came from, and the prompts used below.",
+        parts=[table, f"<p class='note'>First prompt: <code>{views.escape(example)}</code></p>"],
+        headline={"n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model,
+                  "backend": type(ctx.model).__name__},
+    )
+
+
+SECTIONS: list[tuple[str, Callable[[Context], Section]]] = [
+    ("model", _model_card),
+]
+SECTION_NAMES = [n for n, _ in SECTIONS]
+
+
+# --------------------------------------------------------------------------- driver
+def run_report(
+    model: Any = None,
+    *,
+    prompts: list[str] | None = None,
+    out: str | Path = "report",
+    device: str = "cpu",
+    only: list[str] | None = None,
+    progress: bool = True,
+) -> ReportResult:
+    """Run the sections on ``model`` (a model object, or a spec string as for the CLI)."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    if model is None or isinstance(model, (str, Path)):
+        m, name, zoo_name = _resolve_model(None if model is None else str(model), device)
+    else:
+        _tl.require_model(model)
+        m, name, zoo_name = model, type(model).__name__, None
+    task = _task_for(zoo_name)
+    toks, strs = _prompts(m, task, prompts)
+    ctx = Context(m, name, zoo_name, toks, strs, task, progress)
+    chosen = [(n, f) for n, f in SECTIONS if only is None or n in only or n == "model"]
+    sections: list[Section] = []
+    bar = tqdm(chosen, desc="lensprobe report", disable=not progress)
+    for sec_name, fn in bar:
+        bar.set_postfix_str(sec_name)
+        t = time.perf_counter()
+        try:
+            sec = fn(ctx)
+        except Skip as why:
+            sec = Section(sec_name, sec_name, skipped=str(why))
+        sec.seconds = time.perf_counter() - t
+        sections.append(sec)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    headline = {
+        "model": name,
+        "backend": type(m).__name__,
+        "transformer_lens": _tl.TL_VERSION,
+        "sections": {
+            s.name: ({"skipped": s.skipped} if s.skipped else dict(s.headline, seconds=round(s.seconds, 3)))
+            for s in sections
+        },
+    }
+    html_path = views.save_html(_render(name, sections), out / "report.html")
+    json_path = out / "report.json"
+    json_path.write_text(json.dumps(headline, indent=2, default=_json_default))
+    return ReportResult(html_path, json_path, sections, time.perf_counter() - t0, headline)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def _render(name: str, sections: list[Section]) -> str:
+    parts: list[Any] = [f"<h1>lensprobe report: {views.escape(name)}</h1>"]
+    toc = "".join(
+        f"<li><a href='#{s.name}'>{views.escape(s.title)}</a>"
+        + (f" (skipped: {views.escape(s.skipped)})" if s.skipped else "") + "</li>"
+        for s in sections
+    )
+    parts.append(f"<ol>{toc}</ol>")
+    for s in sections:
+        parts.append(f"<section id='{s.name}' data-section='{s.name}'><h2>{views.escape(s.title)}</h2>")
+        if s.skipped:
+            parts.append(f"<p class='note'>Skipped: {views.escape(s.skipped)}</p>")
+        else:
+            parts.append(f"<p>{views.escape(s.text)}</p>")
+            parts.extend(s.parts)
+        parts.append("</section>")
+    return views.html_page(f"lensprobe report: {name}", parts)
