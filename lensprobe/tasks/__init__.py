@@ -4,3 +4,4 @@ Every task follows :class:`lensprobe.tasks.base.Task` (seeded ``sample`` -> :cla
 """
 
 from .base import IGNORE, Batch, Task
+from .retrieval import RetrievalTask
