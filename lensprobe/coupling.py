@@ -1,0 +1,1157 @@
+"""Transformer block coupling: block Jacobians, coupling matrices, token trajectories.
+
+Aubry, Meng, Sugolov, Papyan, "Transformer Block Coupling and its Correlation with
+Generalization in LLMs", ICLR 2025 (arXiv 2407.07810).
+
+Block ``l`` updates the residual stream as ``x^(l+1) = x^(l) + f^l(x^(l))``. Its residual
+Jacobians, taken at the prompt's own forward pass and without the skip connection's
+identity, are
+
+    J^l_{t1 t2} = d f^l(X)_{t2} / d x^(l)_{t1}          (d x d; rows: output coords)
+
+with every other token's input held fixed and every path through the block kept
+(queries, keys and values of t1, the MLP, the norms). lensprobe injects ``x^(l)`` at
+``blocks.{l}.hook_resid_pre``, captures ``blocks.{l}.hook_resid_post`` and subtracts the
+injected tensor.
+
+* :func:`block_jacobians` -- same-token ``J^l_tt`` for all (or chosen) positions, or the
+  cross-token Jacobians of a fixed input token (all outputs, forward mode) or a fixed
+  output token (all inputs, reverse mode). Exact, batched over prompts, chunked to a
+  memory bound with :func:`lensprobe.core.vjp_rows` / :func:`~lensprobe.core.jvp_cols`.
+* :func:`coupling` -- the coupling metric m_K, its trace and U/V-swapped variants and
+  coupling = 1 - m^2, depth-wise, token-wise and context-wise, for several K at once.
+* :func:`trajectory_metrics` -- line-shape score, exponential norm growth, step-ratio
+  regularity of each token's path through depth.
+* :func:`coupling_through_training` / :class:`CouplingTracker` -- the same along a
+  training run.
+
+How the same-token Jacobians of every position are obtained at once
+--------------------------------------------------------------------
+One backward pass with its cotangent at output ``t`` gives ``J_{t1 t}`` for every
+``t1``; putting cotangents at every output at once would mix in the cross-token blocks
+``J_{t1 t}`` (t1 < t) that reach ``x_{t1}`` through its key and value. Tokens interact
+in a block only through attention, and there only through the keys and values of other
+positions. The separable forward used here (``method='separable'``) stops the gradient
+of every key and value (``hook_k``, ``hook_v`` return detached tensors) and adds back,
+as terms that are numerically zero, exactly the own-position paths:
+
+    A'_{ts} = A_ts + A_ts (1[s = t] - A_tt) * delta_t,
+    delta_t = q_t . (k_t - stopgrad(k_t)) / scale      (the S_tt path through k_t)
+    z'_t    = z_t + A_tt (v_t - stopgrad(v_t))          (the A_tt v_t path)
+
+(rotary embeddings are orthogonal rotations by the same angle for q_t and k_t, so the
+diagonal score q_t . k_t needs no rotation). The values of the forward pass are
+unchanged and output ``t`` now depends on input ``t`` only through exactly the paths of
+``J_tt``, so ``d`` batched backward passes give ``J_tt`` for every ``t`` (and every
+prompt) instead of ``d`` per position. Every separable result is checked against an
+ordinary backward pass through the unmodified block (a random cotangent at two positions
+per layer); on a mismatch (an architecture whose attention the surgery does not describe,
+e.g. soft-capped scores or normalised q/k) ``method='auto'`` falls back to the
+per-position method with a warning, and ``method='separable'`` raises.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from .core import capture_acts, guard, jvp_cols, run_hooked, vjp_rows
+from .errors import InputError, LensprobeError
+from .inputs import check_finite, check_layers, model_dtype, to_tokens
+
+__all__ = [
+    "BlockJacobians",
+    "block_jacobians",
+    "coupling_metric",
+    "Coupling",
+    "coupling",
+    "TrajectoryMetrics",
+    "trajectory_metrics",
+    "TrainingCoupling",
+    "CouplingTracker",
+    "coupling_through_training",
+]
+
+VARIANTS = ("frob", "trace", "swap")
+"""'frob': m_K as in the paper (normalised by ||s1_K||_2); 'trace': normalised by
+sum(s1_K) (the p = 1 norm); 'swap': U and V exchanged (|V2_K^T J1 U2_K|), normalised by
+||s1_K||_2."""
+
+
+def _progress(it: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, desc=desc, leave=False)
+
+
+def _positions(n: int, positions: Sequence[int] | int | None, what: str = "positions") -> list[int]:
+    if positions is None:
+        return list(range(n))
+    if isinstance(positions, int):
+        positions = [positions]
+    out = []
+    for p in positions:
+        if isinstance(p, bool) or not isinstance(p, int):
+            raise InputError(f"{what} must be ints, got {p!r}.")
+        if not -n <= p < n:
+            raise InputError(
+                f"position {p} is out of range for a sequence of {n} tokens; valid are"
+                f" 0..{n - 1} (or negative from the end)."
+            )
+        out.append(p % n)
+    if not out:
+        raise InputError(f"{what} is empty; pass at least one position (or None for all).")
+    return out
+
+
+# =========================================================================== Jacobians
+@dataclass(frozen=True)
+class BlockJacobians:
+    """Residual block Jacobians J^l_{t1 t2} = d f^l(X)_{t2} / d x^(l)_{t1} (identity removed).
+
+    jacobians: [batch, n_sel_layers, n_sel_positions, d_model (output), d_model (input)].
+        kind 'diagonal':     entry [b, i, p] is J^{layers[i]}_{t t} with t = positions[p];
+        kind 'fixed_input':  J^{layers[i]}_{token, t2} with t2 = positions[p] (all outputs
+                             of one input token; zero for t2 < token under a causal mask);
+        kind 'fixed_output': J^{layers[i]}_{t1, token} with t1 = positions[p].
+    tokens:    [batch, pos] the prompts; ``str_tokens`` their strings when known.
+    method:    how they were computed ('separable', 'per_token', 'jvp', 'vjp').
+    """
+
+    jacobians: torch.Tensor
+    kind: str
+    layers: tuple[int, ...]
+    positions: tuple[int, ...]
+    token: int | None
+    tokens: torch.Tensor
+    method: str
+    str_tokens: tuple[tuple[str, ...], ...] | None = None
+
+    @property
+    def d_model(self) -> int:
+        return self.jacobians.shape[-1]
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        """``jac[layer, position]`` -> [batch, d, d] for a model layer and a sequence position."""
+        layer, pos = key
+        if layer not in self.layers:
+            raise InputError(f"layer {layer} was not computed; have {list(self.layers)}.")
+        n = self.tokens.shape[1]
+        pos = pos % n
+        if pos not in self.positions:
+            raise InputError(f"position {pos} was not computed; have {list(self.positions)}.")
+        return self.jacobians[:, self.layers.index(layer), self.positions.index(pos)]
+
+    def _label(self, p: int) -> str:
+        if self.kind == "diagonal":
+            return f"J_{{{p},{p}}}"
+        if self.kind == "fixed_input":
+            return f"J_{{{self.token},{p}}}"
+        return f"J_{{{p},{self.token}}}"
+
+    def norms(self, ord: str = "fro") -> torch.Tensor:
+        """[batch, layers, positions] Frobenius ('fro') or spectral (2) norms."""
+        if ord == "fro":
+            return torch.linalg.matrix_norm(self.jacobians, "fro")
+        return torch.linalg.matrix_norm(self.jacobians, 2)
+
+    def to_dataframe(self) -> Any:
+        """One row per (prompt, layer, position): Frobenius and spectral norm, top singular value share."""
+        import pandas as pd
+
+        s = torch.linalg.svdvals(self.jacobians.double())
+        fro = s.square().sum(-1).sqrt()
+        rows = []
+        B, L, P = self.jacobians.shape[:3]
+        for b in range(B):
+            for i in range(L):
+                for p in range(P):
+                    rows.append(dict(
+                        prompt=b, layer=self.layers[i], position=self.positions[p],
+                        kind=self.kind, token=self.token, frobenius=float(fro[b, i, p]),
+                        spectral=float(s[b, i, p, 0]),
+                        top1_share=float(s[b, i, p, 0] ** 2 / max(float(fro[b, i, p]) ** 2, 1e-300)),
+                    ))
+        return pd.DataFrame(rows)
+
+    def plot(self, prompt: int = 0, n_singular: int = 20) -> Any:
+        """Frobenius norm per (layer, position) and the leading singular values per layer."""
+        import matplotlib.pyplot as plt
+
+        fro = self.norms()[prompt].double().cpu()
+        s = torch.linalg.svdvals(self.jacobians[prompt].double()).cpu()
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        im = axes[0].imshow(fro.numpy(), aspect="auto", cmap="viridis")
+        axes[0].set_yticks(range(len(self.layers)), [str(l) for l in self.layers])
+        axes[0].set_xticks(range(len(self.positions)), [str(p) for p in self.positions],
+                           fontsize=7 if len(self.positions) > 16 else 9)
+        axes[0].set_xlabel("input token t1" if self.kind == "fixed_output" else
+                           "output token t2" if self.kind == "fixed_input" else "token t")
+        axes[0].set_ylabel("layer")
+        axes[0].set_title(f"||J||_F ({self.kind})")
+        fig.colorbar(im, ax=axes[0])
+        k = min(n_singular, s.shape[-1])
+        for i, l in enumerate(self.layers):
+            axes[1].semilogy(range(1, k + 1), s[i, -1, :k].clamp_min(1e-30).numpy(), marker=".",
+                             label=f"layer {l}")
+        axes[1].set_xlabel("index")
+        axes[1].set_title(f"singular values of {self._label(self.positions[-1])}")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        return fig
+
+    def show(self, prompt: int = 0) -> Any:
+        from .views import View, escape, figure_html
+
+        import matplotlib.pyplot as plt
+
+        fig = self.plot(prompt)
+        body = f"<h3>{escape('block Jacobians (' + self.kind + ')')}</h3>" + figure_html(fig)
+        plt.close(fig)
+        return View(body, title="block Jacobians")
+
+
+def _attn_scale(model: Any, layer: int) -> float:
+    """The score scale of layer ``layer`` (scores = q.k / scale), from the model's config."""
+    attn = model.blocks[layer].attn
+    scale = getattr(attn, "attn_scale", None)
+    if isinstance(scale, (int, float)) and scale > 0:
+        return float(scale)
+    cfg = model.cfg
+    if getattr(cfg, "use_attn_scale", True):
+        s = getattr(cfg, "attn_scale", -1.0)
+        s = float(s) if s is not None and s > 0 else math.sqrt(cfg.d_head)
+    else:
+        s = 1.0
+    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+        s *= layer + 1
+    return s
+
+
+def _expand_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[b, pos, n_kv_heads, e] -> [b, pos, n_heads, e] (grouped-query attention)."""
+    if t.shape[2] == n_heads:
+        return t
+    return t.repeat_interleave(n_heads // t.shape[2], dim=2)
+
+
+def _separable_hooks(model: Any, layer: int) -> dict[str, Callable]:
+    """Hooks that make block ``layer``'s output at t depend on input t only through J_tt.
+
+    See the module docstring: keys and values are detached, and the own-position score
+    path (through k_t) and value path (through v_t) are added back as zero-valued terms.
+    """
+    scale = _attn_scale(model, layer)
+    n_heads = model.cfg.n_heads
+    a = f"blocks.{layer}.attn."
+    store: dict[str, torch.Tensor] = {}
+
+    def q_hook(q: torch.Tensor) -> torch.Tensor:
+        store["q"] = q
+        return q
+
+    def k_hook(k: torch.Tensor) -> torch.Tensor:
+        store["k"] = k
+        return k.detach()
+
+    def v_hook(v: torch.Tensor) -> torch.Tensor:
+        store["v"] = v
+        return v.detach()
+
+    def pattern_hook(pattern: torch.Tensor) -> torch.Tensor:  # [b, head, query, key]
+        q = store["q"].detach()
+        k = _expand_heads(store["k"], n_heads)
+        delta = torch.einsum("bthe,bthe->bht", q, k - k.detach()) / scale
+        p = pattern.detach()
+        diag = p.diagonal(dim1=-2, dim2=-1)  # [b, head, t]
+        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+        store["a_diag"] = diag
+        return pattern + p * (eye - diag.unsqueeze(-1)) * delta.unsqueeze(-1)
+
+    def z_hook(z: torch.Tensor) -> torch.Tensor:  # [b, pos, head, e]
+        v = _expand_heads(store["v"], n_heads)
+        a_tt = store["a_diag"].transpose(1, 2).unsqueeze(-1)  # [b, t, head, 1]
+        return z + a_tt * (v - v.detach())
+
+    return {
+        a + "hook_q": q_hook,
+        a + "hook_k": k_hook,
+        a + "hook_v": v_hook,
+        a + "hook_pattern": pattern_hook,
+        a + "hook_z": z_hook,
+    }
+
+
+def _block_fn(model: Any, toks: torch.Tensor, layer: int, separable: bool = False) -> Callable:
+    """x^(l) [b, pos, d] -> f^l(x^(l)) = resid_post - x^(l) (the block without its skip)."""
+    pre, post = f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_post"
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        inject: dict[str, Any] = {pre: x}
+        if separable:
+            inject.update(_separable_hooks(model, layer))
+        return run_hooked(model, toks, [post], inject)[post] - x
+
+    return fn
+
+
+def _unit_cotangents(
+    shape: tuple[int, ...], rows: range, positions: Sequence[int], dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """[len(rows), *shape]: e_i placed at every listed position of every prompt."""
+    b, n, d = shape
+    c = torch.zeros((len(rows), b, n, d), dtype=dtype, device=device)
+    idx = torch.arange(len(rows), device=device)
+    for p in positions:
+        c[idx, :, p, torch.as_tensor(list(rows), device=device)] = 1.0
+    return c
+
+
+def _row_blocks(d: int, shape: tuple[int, ...], itemsize: int, max_memory_mb: float | None) -> int:
+    """How many unit cotangents to build at once (each is a full [b, pos, d] tensor)."""
+    per = math.prod(shape) * itemsize
+    budget = (max_memory_mb or 1024) * 2**20 / 4
+    return max(1, min(d, int(budget // max(per, 1))))
+
+
+def _vjp_units(fn: Callable, x: torch.Tensor, positions: Sequence[int], chunk_size: int | None,
+               max_memory_mb: float | None) -> torch.Tensor:
+    """[d, b, pos, d]: entry [i, b, t1, j] = sum_{t in positions} d fn(x)[b, t, i] / d x[b, t1, j]."""
+    d = x.shape[-1]
+    step = _row_blocks(d, tuple(x.shape), x.element_size(), max_memory_mb)
+    outs = []
+    for i in range(0, d, step):
+        rows = range(i, min(d, i + step))
+        cot = _unit_cotangents(tuple(x.shape), rows, positions, x.dtype, x.device)
+        outs.append(vjp_rows(fn, x, cot, chunk_size=chunk_size, max_memory_mb=max_memory_mb))
+    return torch.cat(outs)
+
+
+def _check_separable(model: Any, toks: torch.Tensor, layer: int, x: torch.Tensor,
+                     jac: torch.Tensor, positions: Sequence[int], gen: torch.Generator) -> float:
+    """Relative error of the separable J_tt against one plain backward pass at two positions."""
+    fn = _block_fn(model, toks, layer)
+    n = x.shape[1]
+    probe = sorted({positions[-1], positions[int(torch.randint(len(positions), (1,), generator=gen))]})
+    worst = 0.0
+    for t in probe:
+        c = torch.zeros((1, *x.shape), dtype=x.dtype, device=x.device)
+        c[0, :, t] = torch.randn(x.shape[0], x.shape[-1], generator=gen, dtype=torch.float64).to(x)
+        g = vjp_rows(fn, x, c)[0][:, t]  # [b, d]
+        mine = torch.einsum("bi,bij->bj", c[0, :, t], jac[:, positions.index(t)])
+        err = float((g - mine).norm() / g.norm().clamp_min(torch.finfo(x.dtype).tiny))
+        worst = max(worst, err)
+    del n
+    return worst
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    # Floor 1e-6: some backends build rotary tables in float32 even for float64 models, so
+    # R_t is orthogonal only to ~1e-7 and the diagonal score q_t.k_t is exact only to that.
+    # A surgery that misses a path is off by O(1), far above this.
+    return min(5e-2, max(1e-6, 2e3 * torch.finfo(dtype).eps))
+
+
+def block_jacobians(
+    model: Any,
+    tokens: Any,
+    layers: Sequence[int] | int | None = None,
+    positions: Sequence[int] | int | None = None,
+    *,
+    input_token: int | None = None,
+    output_token: int | None = None,
+    method: str = "auto",
+    chunk_size: int | None = None,
+    max_memory_mb: float | None = 1024,
+    progress: bool = True,
+) -> BlockJacobians:
+    """Residual block Jacobians of ``model`` at the forward pass of ``tokens``.
+
+    Aubry et al., "Transformer Block Coupling and its Correlation with Generalization in
+    LLMs" (ICLR 2025): J^l_{t1 t2} = d f^l(X)_{t2} / d x^(l)_{t1} with
+    f^l(X) = resid_post^l - resid_pre^l (the skip connection's identity removed).
+
+    * default: same-token J^l_tt for ``positions`` (default all) and ``layers``
+      (default all). ``method='separable'`` gets every position with d batched backward
+      passes per layer (module docstring), verified against a plain backward pass;
+      ``'per_token'`` uses d backward passes per position (exact for any architecture);
+      ``'auto'`` (default) is separable with a fallback to per-token on a failed check.
+    * ``input_token=t1``: J^l_{t1 t2} for output tokens t2 in ``positions`` (forward
+      mode: d JVPs per layer give every output at once).
+    * ``output_token=t2``: J^l_{t1 t2} for input tokens t1 in ``positions`` (reverse
+      mode: d VJPs per layer give every input at once).
+
+    ``tokens``: [batch, pos] ids (or [pos], or text); all prompts are processed together.
+    Backward passes run in chunks so one chunk's autograd working set stays under
+    ``max_memory_mb`` (or ``chunk_size`` cotangents at a time). Returns a
+    :class:`BlockJacobians` with ``jacobians`` of shape [batch, layers, positions, d, d]
+    in the model's dtype.
+    """
+    if input_token is not None and output_token is not None:
+        raise InputError("pass input_token or output_token, not both (a single block is"
+                         " jacobians(..., input_token=t1).jacobians[:, :, positions.index(t2)]).")
+    if method not in ("auto", "separable", "per_token"):
+        raise InputError(f"method must be 'auto', 'separable' or 'per_token', got {method!r}.")
+    toks = to_tokens(model, tokens)
+    n = toks.shape[1]
+    layer_list = check_layers(model, layers)
+    pos_list = _positions(n, positions)
+    fixed = None
+    if input_token is not None or output_token is not None:
+        fixed = _positions(n, input_token if input_token is not None else output_token,
+                           "input_token/output_token")[0]
+    if not model_dtype(model).is_floating_point:
+        raise InputError("the model has no floating-point parameters.")
+    with guard(model):
+        pres = capture_acts(model, toks, [f"blocks.{l}.hook_resid_pre" for l in layer_list])
+        out = []
+        used = method
+        gen = torch.Generator().manual_seed(0)
+        for l in _progress(layer_list, len(layer_list), "block Jacobians", progress):
+            x = pres[f"blocks.{l}.hook_resid_pre"].detach()
+            if input_token is not None:
+                d = x.shape[-1]
+                tangents = torch.zeros((d, *x.shape), dtype=x.dtype, device=x.device)
+                tangents[torch.arange(d), :, fixed, torch.arange(d)] = 1.0
+                cols = jvp_cols(_block_fn(model, toks, l), x, tangents, chunk_size=chunk_size)
+                jac = cols[:, :, pos_list].permute(1, 2, 3, 0)  # [b, p, i, j]
+                used = "jvp"
+            elif output_token is not None:
+                g = _vjp_units(_block_fn(model, toks, l), x, [fixed], chunk_size, max_memory_mb)
+                jac = g[:, :, pos_list].permute(1, 2, 0, 3)  # [b, p(t1), i, j]
+                used = "vjp"
+            else:
+                jac = None
+                if method in ("auto", "separable"):
+                    jac, used = _diag_separable(model, toks, l, x, pos_list, chunk_size,
+                                                max_memory_mb, gen, method)
+                if jac is None:
+                    jac = _diag_per_token(model, toks, l, x, pos_list, chunk_size, max_memory_mb)
+                    used = "per_token"
+            out.append(check_finite(jac.detach(), f"the block Jacobians of layer {l}"))
+        jacs = torch.stack(out, dim=1)
+    kind = "diagonal" if fixed is None else "fixed_input" if input_token is not None else "fixed_output"
+    return BlockJacobians(jacs, kind, tuple(layer_list), tuple(pos_list), fixed, toks.detach().cpu(),
+                          used, _str_tokens(model, toks))
+
+
+def _diag_separable(model, toks, l, x, pos_list, chunk_size, max_memory_mb, gen, method):
+    names = _separable_hooks(model, l)
+    missing = [h for h in names if h not in model.hook_dict]
+    err = None
+    if not missing:
+        try:
+            g = _vjp_units(_block_fn(model, toks, l, separable=True), x, pos_list, chunk_size,
+                           max_memory_mb)
+            jac = g[:, :, pos_list].permute(1, 2, 0, 3)  # [b, p, i, j]: row i of J_tt
+            err = _check_separable(model, toks, l, x, jac, pos_list, gen)
+            if err <= _tolerance(x.dtype):
+                return jac, "separable"
+        except LensprobeError:
+            raise
+        except (RuntimeError, KeyError) as e:  # an attention the surgery does not fit
+            err = repr(e)
+    why = f"missing hooks {missing}" if missing else f"check error {err}"
+    if method == "separable":
+        raise LensprobeError(
+            f"the separable same-token Jacobian does not match a plain backward pass at layer"
+            f" {l} ({why}); this architecture's attention is not the standard softmax(q.k /"
+            " scale) v. Use method='per_token' (exact for any block, d backward passes per"
+            " position)."
+        )
+    warnings.warn(
+        f"layer {l}: separable Jacobians unavailable ({why}); using the per-token method.",
+        stacklevel=3,
+    )
+    return None, "per_token"
+
+
+def _diag_per_token(model, toks, l, x, pos_list, chunk_size, max_memory_mb):
+    fn = _block_fn(model, toks, l)
+    outs = []
+    for t in pos_list:
+        g = _vjp_units(fn, x, [t], chunk_size, max_memory_mb)  # [d, b, pos, d]
+        outs.append(g[:, :, t].transpose(0, 1))  # [b, i, j]
+    return torch.stack(outs, dim=1)
+
+
+def _str_tokens(model: Any, toks: torch.Tensor) -> tuple[tuple[str, ...], ...] | None:
+    if getattr(model, "tokenizer", None) is None:
+        return None
+    try:
+        return tuple(tuple(str(s) for s in model.to_str_tokens(row)) for row in toks)
+    except Exception:  # a tokenizer that cannot decode these ids: fall back to ids
+        return None
+
+
+# =========================================================================== coupling
+def _svd_top(J: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-kmax singular triplets of a batch [..., d, d]: U_K [..., d, K], s_K [..., K], V_K [..., d, K]."""
+    U, S, Vh = torch.linalg.svd(J, full_matrices=False)
+    return U[..., :kmax], S[..., :kmax], Vh[..., :kmax, :].mT
+
+
+def coupling_metric(
+    J1: torch.Tensor, J2: torch.Tensor, k: int | Sequence[int] = 10, variant: str = "frob"
+) -> torch.Tensor:
+    """m_K(J1, J2) for two (batches of) d x d matrices (Aubry et al., ICLR 2025).
+
+        m_K(J1, J2) = || |U2_K^T J1 V2_K| - diag(s1_K) ||_F / ||s1_K||_2
+
+    with J_i = U_i S_i V_i^T, |.| elementwise (sign flips of singular-vector pairs do not
+    matter). ``variant='trace'`` divides by sum(s1_K); ``'swap'`` uses |V2_K^T J1 U2_K|.
+    m(J, J) = 0 and m ~ 1 for independent random matrices; coupling is 1 - m^2.
+    ``k`` an int -> [...]; a sequence -> [len(k), ...].
+    """
+    if variant not in VARIANTS:
+        raise InputError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+    ks = [k] if isinstance(k, int) else list(k)
+    d = J1.shape[-1]
+    _check_ks(ks, d)
+    kmax = max(ks)
+    U1s = torch.linalg.svdvals(J1)[..., :kmax]
+    U2, _, V2 = _svd_top(J2, kmax)
+    left, right = (V2, U2) if variant == "swap" else (U2, V2)
+    M = left.mT @ J1 @ right
+    out = torch.stack([_m_from(M[..., :K, :K], U1s[..., :K], variant) for K in ks])
+    return out[0] if isinstance(k, int) else out
+
+
+def _check_ks(ks: Sequence[int], d: int) -> None:
+    for K in ks:
+        if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= d:
+            raise InputError(f"K must be an int in 1..d_model={d}, got {K!r}.")
+
+
+def _m_from(M: torch.Tensor, s: torch.Tensor, variant: str) -> torch.Tensor:
+    num = torch.linalg.matrix_norm(M.abs() - torch.diag_embed(s), "fro")
+    den = s.sum(-1) if variant == "trace" else s.norm(dim=-1)
+    return num / den.clamp_min(torch.finfo(s.dtype).tiny)
+
+
+def _pairwise_m(J: torch.Tensor, ks: Sequence[int], max_memory_mb: float = 512,
+                keep_product: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All-pairs m_K within groups.
+
+    J: [G, A, d, d] -> m: [3 variants, len(ks), G, A, A] with m[v, k, g, i, j] =
+    m_K(J[g, i], J[g, j]) (J1 = J[g, i] measured in J2 = J[g, j]'s singular bases).
+    With ``keep_product`` also |U_j,K^T J_i V_j,K| for K = max(ks): [G, A, A, K, K].
+    One batched SVD per matrix, then batched products over chunks of (g, i).
+    """
+    G, A, d, _ = J.shape
+    kmax = max(ks)
+    U, S, V = _svd_top(J, kmax)  # [G, A, d, K], [G, A, K], [G, A, d, K]
+    m = J.new_zeros((len(VARIANTS), len(ks), G, A, A))
+    prods = J.new_zeros((G, A, A, kmax, kmax)) if keep_product else None
+    per_row = 2 * A * d * kmax * J.element_size()
+    rows = max(1, int(max_memory_mb * 2**20 // per_row))
+    flat = [(g, i) for g in range(G) for i in range(A)]
+    for c in range(0, len(flat), rows):
+        idx = flat[c : c + rows]
+        gi = torch.tensor([g for g, _ in idx])
+        ii = torch.tensor([i for _, i in idx])
+        J1 = J[gi, ii]  # [r, d, d]
+        Ug, Vg = U[gi], V[gi]  # [r, A, d, K]
+        s1 = S[gi, ii]  # [r, K]
+        M = Ug.mT @ J1.unsqueeze(1) @ Vg  # [r, A(j), K, K]
+        Msw = Vg.mT @ J1.unsqueeze(1) @ Ug
+        for q, K in enumerate(ks):
+            sK = s1[:, None, :K]
+            m[0, q, gi, ii] = _m_from(M[..., :K, :K], sK, "frob")
+            m[1, q, gi, ii] = _m_from(M[..., :K, :K], sK, "trace")
+            m[2, q, gi, ii] = _m_from(Msw[..., :K, :K], sK, "swap")
+        if prods is not None:
+            prods[gi, ii] = M.abs()
+    return m, prods
+
+
+def _default_ks(d: int, k: int | Sequence[int] | None) -> tuple[int, ...]:
+    if k is None:
+        ks = sorted({max(1, min(K, d // 4)) for K in (10, 30, 50)})
+        return tuple(ks)
+    ks = [k] if isinstance(k, int) else list(k)
+    _check_ks(ks, d)
+    return tuple(ks)
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """Coupling matrices of block Jacobians (Aubry et al., ICLR 2025).
+
+    m:        [3 variants ('frob', 'trace', 'swap'), len(ks), batch, G, A, A] with
+              m[v, k, b, g, i, j] = m_K(J_i, J_j) for items i, j of group g in prompt b:
+                mode 'depth':   groups = token positions, items = layers (L x L per token);
+                mode 'token':   groups = layers, items = token positions (J^l_tt vs J^l_t't');
+                mode 'context': groups = layers, items = the varying token of cross-token
+                                Jacobians (fixed input token: outputs t2; fixed output
+                                token: inputs t1).
+              coupling = 1 - m^2 (1 = coupled, ~0 for unrelated matrices).
+    ks:       the K values (top-K singular vectors).
+    groups, items: model layers / sequence positions labelling those axes.
+    products: |U_j,K^T J_i V_j,K| for K = max(ks), [batch, G, A, A, K, K] (near-diagonal
+              when coupled), kept when asked for.
+    """
+
+    m: torch.Tensor
+    ks: tuple[int, ...]
+    mode: str
+    groups: tuple[int, ...]
+    items: tuple[int, ...]
+    group_axis: str
+    item_axis: str
+    products: torch.Tensor | None = field(default=None, repr=False)
+    jacobians: BlockJacobians | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ accessors
+    def _v(self, variant: str) -> int:
+        if variant not in VARIANTS:
+            raise InputError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+        return VARIANTS.index(variant)
+
+    def _k(self, k: int | None) -> int:
+        if k is None:
+            return 0
+        if k not in self.ks:
+            raise InputError(f"K={k} was not computed; have {list(self.ks)}.")
+        return self.ks.index(k)
+
+    @property
+    def coupling(self) -> torch.Tensor:
+        """1 - m^2, same shape as ``m``."""
+        return 1 - self.m.square()
+
+    def matrix(self, k: int | None = None, variant: str = "frob", *, metric: str = "coupling",
+               reduce: str = "mean") -> torch.Tensor:
+        """[G, A, A] coupling (or m) over prompts: ``reduce`` 'mean', 'std' or 'none' ([batch, G, A, A])."""
+        t = (self.coupling if metric == "coupling" else self.m)[self._v(variant), self._k(k)]
+        if reduce == "mean":
+            return t.mean(0)
+        if reduce == "std":
+            return t.std(0, unbiased=False)
+        if reduce == "none":
+            return t
+        raise InputError(f"reduce must be 'mean', 'std' or 'none', got {reduce!r}.")
+
+    def off_diagonal(self, k: int | None = None, variant: str = "frob") -> torch.Tensor:
+        """[batch] mean off-diagonal coupling per prompt (over groups and pairs i != j)."""
+        c = self.coupling[self._v(variant), self._k(k)]  # [b, G, A, A]
+        A = c.shape[-1]
+        if A < 2:
+            raise InputError("off-diagonal coupling needs at least two items (layers/positions).")
+        mask = ~torch.eye(A, dtype=torch.bool, device=c.device)
+        return c[..., mask].mean(dim=(-1, -2))
+
+    def scalar(self, k: int | None = None, variant: str = "frob") -> float:
+        """The per-model scalar: mean off-diagonal coupling 1 - m_K^2, over prompts, groups
+        and ordered pairs i != j (for mode 'depth': the paper's mean depth-wise coupling).
+        K defaults to the first of ``ks``."""
+        return float(self.off_diagonal(k, variant).mean())
+
+    def to_dataframe(self) -> Any:
+        """Long format: variant, k, prompt, group, i, j, m, coupling."""
+        import pandas as pd
+
+        V, Kn, B, G, A, _ = self.m.shape
+        m = self.m.detach().double().cpu().numpy()
+        rows = []
+        for v in range(V):
+            for q in range(Kn):
+                for b in range(B):
+                    for g in range(G):
+                        for i in range(A):
+                            for j in range(A):
+                                mm = float(m[v, q, b, g, i, j])
+                                rows.append({"variant": VARIANTS[v], "k": self.ks[q], "prompt": b,
+                                             self.group_axis: self.groups[g],
+                                             f"{self.item_axis}_i": self.items[i],
+                                             f"{self.item_axis}_j": self.items[j],
+                                             "m": mm, "coupling": 1 - mm * mm})
+        return pd.DataFrame(rows)
+
+    def plot(self, k: int | None = None, variant: str = "frob", group: int | None = None,
+             pair: tuple[int, int] | None = None) -> Any:
+        """Heatmaps: coupling over prompts (mean) for one group (default: the last), its
+        spread over prompts, and |U_j^T J_i V_j| for one pair of items (default: the two
+        last items) when products were kept."""
+        import matplotlib.pyplot as plt
+
+        g = len(self.groups) - 1 if group is None else self._group_index(group)
+        mean = self.matrix(k, variant)[g].double().cpu()
+        std = self.matrix(k, variant, reduce="std")[g].double().cpu()
+        has_prod = self.products is not None and len(self.items) >= 2
+        fig, axes = plt.subplots(1, 3 if has_prod else 2, figsize=(15 if has_prod else 10, 4.2))
+        labels = [str(i) for i in self.items]
+        kk = self.ks[self._k(k)]
+        for ax, data, title, cmap in ((axes[0], mean, "coupling 1 - m^2 (mean)", "magma"),
+                                      (axes[1], std, "spread over prompts (std)", "viridis")):
+            im = ax.imshow(data.numpy(), cmap=cmap, vmin=0 if cmap == "viridis" else None)
+            fs = 7 if len(labels) > 16 else 9
+            ax.set_xticks(range(len(labels)), labels, fontsize=fs)
+            ax.set_yticks(range(len(labels)), labels, fontsize=fs)
+            ax.set_xlabel(f"{self.item_axis} j (bases of J_j)")
+            ax.set_ylabel(f"{self.item_axis} i (J_i)")
+            ax.set_title(f"{title}\n{self.mode}, {self.group_axis} {self.groups[g]}, K={kk}, {variant}",
+                         fontsize=9)
+            fig.colorbar(im, ax=ax)
+        if has_prod:
+            i, j = (len(self.items) - 1, len(self.items) - 2) if pair is None else (
+                self.items.index(pair[0]), self.items.index(pair[1]))
+            P = self.products[:, g, i, j].mean(0).double().cpu()
+            im = axes[2].imshow(P.numpy(), cmap="Greys")
+            axes[2].set_title(f"|U_j^T J_i V_j| (top {P.shape[0]}), i={self.items[i]}, "
+                              f"j={self.items[j]}", fontsize=9)
+            fig.colorbar(im, ax=axes[2])
+        fig.tight_layout()
+        return fig
+
+    def _group_index(self, group: int) -> int:
+        if group not in self.groups:
+            raise InputError(f"{self.group_axis} {group} not computed; have {list(self.groups)}.")
+        return self.groups.index(group)
+
+    def show(self, k: int | None = None, variant: str = "frob") -> Any:
+        """A View with the heatmaps and the per-model scalar."""
+        import matplotlib.pyplot as plt
+
+        from .views import View, escape, figure_html
+
+        fig = self.plot(k, variant)
+        try:
+            scal = f"{self.scalar(k, variant):.4f}"
+        except InputError:
+            scal = "n/a"
+        body = (f"<h3>{escape(f'block coupling ({self.mode})')}</h3><p>mean off-diagonal coupling"
+                f" (K={self.ks[self._k(k)]}, {escape(variant)}): <b>{escape(scal)}</b></p>"
+                + figure_html(fig, alt="coupling heatmaps"))
+        plt.close(fig)
+        return View(body, title="block coupling")
+
+
+def coupling(
+    source: Any,
+    tokens: Any = None,
+    *,
+    mode: str = "depth",
+    k: int | Sequence[int] | None = None,
+    layers: Sequence[int] | int | None = None,
+    positions: Sequence[int] | int | None = None,
+    input_token: int | None = None,
+    output_token: int | None = None,
+    keep_products: bool = True,
+    method: str = "auto",
+    max_memory_mb: float | None = 1024,
+    progress: bool = True,
+) -> Coupling:
+    """Coupling of block Jacobians (Aubry et al., ICLR 2025).
+
+    ``source`` is a :class:`BlockJacobians` or a model (then ``tokens`` are required and the
+    Jacobians are computed with :func:`block_jacobians`). For Jacobians J1, J2 with SVDs
+    J_i = U_i S_i V_i^T,
+
+        m_K(J1, J2) = || |U2_K^T J1 V2_K| - diag(s1_K) ||_F / ||s1_K||_2,  coupling = 1 - m^2,
+
+    plus the trace variant (/ sum(s1_K)) and the U/V-swapped one (|V2_K^T J1 U2_K|), for
+    every K in ``k`` (default 10, 30, 50, each clamped to d_model // 4).
+
+    ``mode``:
+      * 'depth' (default): for each token t, the L x L matrix m_K(J^i_tt, J^j_tt).
+        ``positions`` default: the last token (pass None via positions='all' for all).
+      * 'token': for each layer l, positions x positions m_K(J^l_tt, J^l_t't').
+      * 'context': cross-token Jacobians of a fixed ``output_token`` (default the last;
+        items are input tokens t1 <= t2) or a fixed ``input_token`` (items are outputs
+        t2 >= t1); for each layer, the matrix over those items.
+    The per-model scalar (``result.scalar()``) is the mean off-diagonal coupling.
+    """
+    if mode not in ("depth", "token", "context"):
+        raise InputError(f"mode must be 'depth', 'token' or 'context', got {mode!r}.")
+    if isinstance(source, BlockJacobians):
+        jac = source
+        if (mode == "context") != (jac.kind != "diagonal"):
+            raise InputError(
+                f"mode {mode!r} needs {'cross-token' if mode == 'context' else 'same-token'}"
+                f" Jacobians, got kind {jac.kind!r}; compute them with block_jacobians("
+                + ("..., output_token=t2)" if mode == "context" else "...) (no input/output token)")
+                + ")."
+            )
+    else:
+        if tokens is None:
+            raise InputError("coupling(model, tokens, ...) needs tokens when given a model.")
+        toks = to_tokens(source, tokens)
+        n = toks.shape[1]
+        if positions == "all":
+            positions = None
+        elif mode == "depth" and positions is None:
+            positions = [n - 1]
+        if mode == "context":
+            if input_token is None and output_token is None:
+                output_token = n - 1
+            fixed = _positions(n, input_token if input_token is not None else output_token)[0]
+            if positions is None:
+                positions = list(range(fixed + 1)) if input_token is None else list(range(fixed, n))
+            jac = block_jacobians(source, toks, layers, positions, input_token=input_token,
+                                  output_token=output_token if input_token is None else None,
+                                  max_memory_mb=max_memory_mb, progress=progress)
+        else:
+            jac = block_jacobians(source, toks, layers, positions, method=method,
+                                  max_memory_mb=max_memory_mb, progress=progress)
+    ks = _default_ks(jac.d_model, k)
+    J = jac.jacobians
+    if J.dtype not in (torch.float32, torch.float64):
+        J = J.float()
+    B, L, P = J.shape[:3]
+    if mode == "depth":
+        grouped = J.transpose(1, 2)  # [b, P, L, d, d]
+        groups, items, gax, iax = jac.positions, jac.layers, "position", "layer"
+    else:
+        grouped = J  # [b, L, P, d, d]
+        groups, items, gax, iax = jac.layers, jac.positions, "layer", "position"
+    G, A = grouped.shape[1:3]
+    m, prods = _pairwise_m(grouped.reshape(B * G, A, *J.shape[-2:]), ks,
+                           keep_product=keep_products)
+    m = m.reshape(len(VARIANTS), len(ks), B, G, A, A)
+    if prods is not None:
+        prods = prods.reshape(B, G, A, A, *prods.shape[-2:])
+    return Coupling(m, ks, mode, tuple(groups), tuple(items), gax, iax, prods, jac)
+
+
+# =========================================================================== trajectories
+@dataclass(frozen=True)
+class TrajectoryMetrics:
+    """Token trajectories through depth (Aubry et al., ICLR 2025, section on trajectories).
+
+    residuals:  [batch, L + 1, pos, d] x^0 (resid_pre of block 0) ... x^L (resid_post of
+                the last block).
+    lss:        [batch, pos] line-shape score L / ||xt^L - xt^0|| of the unit-step path
+                xt^0 = x^0, xt^l = xt^(l-1) + (x^l - x^(l-1)) / ||x^l - x^(l-1)||
+                (1 = a straight line, larger = more winding).
+    norm_slope, norm_r2: [batch, pos] least-squares slope and R^2 of log ||x^l|| against
+                l = 0..L (exponential norm growth reads as a high R^2).
+    step_slope, step_r2: [batch, pos] the same for the log step size log ||x^(l+1) - x^l||,
+                l = 0..L-1.
+    step_ratio_cv: [batch, pos] regularity of consecutive step-size ratios
+                r_l = ||x^(l+2) - x^(l+1)|| / ||x^(l+1) - x^l||: std(r) / mean(r) (0 = the
+                steps grow by the same factor at every layer, i.e. exactly exponential
+                spacing). The paper's "expodistance" formula is not published; this
+                coefficient of variation is lensprobe's documented reading of it (NaN
+                with fewer than 3 layers).
+    """
+
+    residuals: torch.Tensor
+    lss: torch.Tensor
+    norm_slope: torch.Tensor
+    norm_r2: torch.Tensor
+    step_slope: torch.Tensor
+    step_r2: torch.Tensor
+    step_ratio_cv: torch.Tensor
+    tokens: torch.Tensor
+    str_tokens: tuple[tuple[str, ...], ...] | None = None
+
+    def summary(self) -> dict[str, float]:
+        """Means over prompts and tokens."""
+        return {k: float(torch.nanmean(getattr(self, k).double())) for k in
+                ("lss", "norm_slope", "norm_r2", "step_slope", "step_r2", "step_ratio_cv")}
+
+    def to_dataframe(self) -> Any:
+        import pandas as pd
+
+        B, P = self.lss.shape
+        rows = []
+        for b in range(B):
+            for t in range(P):
+                r = {"prompt": b, "position": t}
+                if self.str_tokens is not None:
+                    r["token"] = self.str_tokens[b][t]
+                for k in ("lss", "norm_slope", "norm_r2", "step_slope", "step_r2", "step_ratio_cv"):
+                    r[k] = float(getattr(self, k)[b, t])
+                rows.append(r)
+        return pd.DataFrame(rows)
+
+    def plot(self, prompt: int = 0, token: int = -1) -> Any:
+        """log-norm vs layer for every token, LSS per token, and the PCA projection of the
+        token paths (all tokens grey, ``token`` highlighted) of one prompt."""
+        import matplotlib.pyplot as plt
+
+        X = self.residuals[prompt].double().cpu()  # [L+1, P, d]
+        Lp1, P, d = X.shape
+        tok = token % P
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        lognorm = X.norm(dim=-1).clamp_min(1e-300).log()
+        for t in range(P):
+            axes[0].plot(range(Lp1), lognorm[:, t].numpy(), color="C1" if t == tok else "0.7",
+                         lw=2 if t == tok else 0.8)
+        axes[0].set_xlabel("layer l")
+        axes[0].set_ylabel("log ||x^l||")
+        axes[0].set_title("norm growth (highlight: token %d)" % tok)
+        axes[1].bar(range(P), self.lss[prompt].double().cpu().numpy(), color="C0")
+        axes[1].axhline(1.0, color="k", lw=0.8, ls="--")
+        axes[1].set_xlabel("position")
+        axes[1].set_ylabel("line-shape score (1 = straight)")
+        axes[1].set_title("LSS per token")
+        flat = X.reshape(-1, d)
+        centred = flat - flat.mean(0)
+        _, _, Vh = torch.linalg.svd(centred, full_matrices=False)
+        proj = (centred @ Vh[:2].T).reshape(Lp1, P, 2)
+        for t in range(P):
+            axes[2].plot(proj[:, t, 0].numpy(), proj[:, t, 1].numpy(),
+                         color="C3" if t == tok else "0.75", lw=2 if t == tok else 0.8,
+                         marker="o" if t == tok else None, ms=3)
+        axes[2].annotate("x^0", proj[0, tok].numpy())
+        axes[2].annotate(f"x^{Lp1 - 1}", proj[-1, tok].numpy())
+        axes[2].set_title("token paths, PCA of all residuals")
+        axes[2].set_xlabel("PC 1")
+        axes[2].set_ylabel("PC 2")
+        fig.tight_layout()
+        return fig
+
+    def show(self, prompt: int = 0) -> Any:
+        """LSS per token as colored tokens, with the figure."""
+        import matplotlib.pyplot as plt
+
+        from .views import View, colored_tokens, figure_html
+
+        fig = self.plot(prompt)
+        fig_html = figure_html(fig, alt="token trajectories")
+        plt.close(fig)
+        strs = (self.str_tokens[prompt] if self.str_tokens is not None
+                else [str(int(t)) for t in self.tokens[prompt]])
+        ct = colored_tokens(list(strs), self.lss[prompt], title="line-shape score")
+        return View(fig_html + ct.body, title="token trajectories", needs_bundle=True)
+
+
+def _linfit(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares slope and R^2 of y[..., l] against l = 0..n-1 (last dim)."""
+    n = y.shape[-1]
+    x = torch.arange(n, dtype=y.dtype, device=y.device)
+    xc = x - x.mean()
+    yc = y - y.mean(-1, keepdim=True)
+    slope = (yc * xc).sum(-1) / xc.square().sum().clamp_min(1e-300)
+    resid = yc - slope.unsqueeze(-1) * xc
+    ss_tot = yc.square().sum(-1)
+    r2 = 1 - resid.square().sum(-1) / ss_tot.clamp_min(1e-300)
+    r2 = torch.where(ss_tot > 0, r2, torch.ones_like(r2))
+    return slope, r2
+
+
+def trajectory_metrics(model: Any, tokens: Any) -> TrajectoryMetrics:
+    """Line-shape score, norm growth and step-ratio regularity of every token's path.
+
+    Aubry et al., "Transformer Block Coupling and its Correlation with Generalization in
+    LLMs" (ICLR 2025). The path of token t is x_t^0 (``blocks.0.hook_resid_pre``), ...,
+    x_t^L (``blocks.{L-1}.hook_resid_post``); see :class:`TrajectoryMetrics` for each
+    formula. Computed in float64.
+    """
+    toks = to_tokens(model, tokens)
+    L = model.cfg.n_layers
+    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(L)]
+    with guard(model):
+        acts = capture_acts(model, toks, names)
+    X = torch.stack([acts[n].detach().double() for n in names], dim=1)  # [b, L+1, pos, d]
+    check_finite(X, "the residual stream")
+    steps = X[:, 1:] - X[:, :-1]  # [b, L, pos, d]
+    sn = steps.norm(dim=-1)  # [b, L, pos]
+    tiny = torch.finfo(torch.float64).tiny
+    unit = steps / sn.clamp_min(tiny).unsqueeze(-1)
+    chord = unit.sum(1).norm(dim=-1)  # ||xt^L - xt^0||
+    lss = L / chord.clamp_min(tiny)
+    norm_slope, norm_r2 = _linfit(X.norm(dim=-1).clamp_min(tiny).log().transpose(1, 2))
+    step_slope, step_r2 = _linfit(sn.clamp_min(tiny).log().transpose(1, 2))
+    if L >= 3:
+        ratios = (sn[:, 1:] / sn[:, :-1].clamp_min(tiny)).transpose(1, 2)  # [b, pos, L-1]
+        cv = ratios.std(-1, unbiased=False) / ratios.mean(-1).clamp_min(tiny)
+    else:
+        cv = torch.full_like(lss, float("nan"))
+    return TrajectoryMetrics(X, lss, norm_slope, norm_r2, step_slope, step_r2, cv,
+                             toks.detach().cpu(), _str_tokens(model, toks))
+
+
+# =========================================================================== training
+@dataclass(frozen=True)
+class TrainingCoupling:
+    """Coupling and trajectories along training (Aubry et al., ICLR 2025, section 5).
+
+    steps:     the training step (or index) of each checkpoint.
+    scalar:    [S, len(ks)] mean off-diagonal depth-wise coupling (variant 'frob').
+    matrices:  [S, len(ks), L, L] depth-wise coupling 1 - m^2 averaged over prompts and
+               the analysed positions.
+    trajectory: dict name -> [S] means over prompts and tokens of the
+               :class:`TrajectoryMetrics` fields (lss, norm_slope, norm_r2, step_slope,
+               step_r2, step_ratio_cv).
+    """
+
+    steps: tuple[int, ...]
+    ks: tuple[int, ...]
+    scalar: torch.Tensor
+    matrices: torch.Tensor
+    trajectory: dict[str, torch.Tensor]
+
+    def to_dataframe(self) -> Any:
+        import pandas as pd
+
+        rows = []
+        for s, step in enumerate(self.steps):
+            r: dict[str, Any] = {"step": step}
+            for q, K in enumerate(self.ks):
+                r[f"coupling_k{K}"] = float(self.scalar[s, q])
+            r.update({k: float(v[s]) for k, v in self.trajectory.items()})
+            rows.append(r)
+        return pd.DataFrame(rows)
+
+    def plot(self) -> Any:
+        """Coupling scalar and trajectory metrics against step, and the L x L matrices of
+        the first and last checkpoint."""
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+        steps = list(self.steps)
+        for q, K in enumerate(self.ks):
+            axes[0].plot(steps, self.scalar[:, q].numpy(), marker="o", label=f"K={K}")
+        axes[0].set_xlabel("step")
+        axes[0].set_ylabel("mean off-diagonal coupling")
+        axes[0].legend(fontsize=8)
+        axes[0].set_title("depth-wise coupling")
+        for name in ("lss", "norm_r2", "step_ratio_cv"):
+            axes[1].plot(steps, self.trajectory[name].numpy(), marker=".", label=name)
+        axes[1].set_xlabel("step")
+        axes[1].legend(fontsize=8)
+        axes[1].set_title("trajectory metrics")
+        vmin = float(self.matrices[[0, -1], 0].min())
+        for ax, s in ((axes[2], 0), (axes[3], len(steps) - 1)):
+            im = ax.imshow(self.matrices[s, 0].numpy(), cmap="magma", vmin=vmin, vmax=1)
+            ax.set_title(f"coupling, step {steps[s]} (K={self.ks[0]})", fontsize=9)
+            ax.set_xlabel("layer j")
+            ax.set_ylabel("layer i")
+            fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        return fig
+
+    def show(self) -> Any:
+        import matplotlib.pyplot as plt
+
+        from .views import View, figure_html
+
+        fig = self.plot()
+        body = "<h3>coupling through training</h3>" + figure_html(fig)
+        plt.close(fig)
+        return View(body, title="coupling through training")
+
+
+class CouplingTracker:
+    """Records depth-wise coupling and trajectory metrics of a model during training.
+
+    Use as a callback of :func:`lensprobe.train` (``callbacks=[tracker]``; it is called
+    as ``tracker(step, model, record)``) or call ``tracker.record(model, step)`` yourself;
+    ``tracker.result()`` returns a :class:`TrainingCoupling`. Each record runs inside
+    :func:`guard`, so the training model's mode and grad flags come back unchanged.
+    """
+
+    def __init__(self, tokens: Any, *, k: int | Sequence[int] | None = None,
+                 positions: Sequence[int] | int | None = None, every: int = 1,
+                 method: str = "auto", max_memory_mb: float | None = 1024) -> None:
+        self.tokens = tokens
+        self.k = k
+        self.positions = positions
+        self.every = int(every)
+        self.method = method
+        self.max_memory_mb = max_memory_mb
+        self._steps: list[int] = []
+        self._scal: list[torch.Tensor] = []
+        self._mats: list[torch.Tensor] = []
+        self._traj: list[dict[str, float]] = []
+        self._ks: tuple[int, ...] | None = None
+
+    def __call__(self, step: int, model: Any, record: Any = None) -> bool:
+        if self.every <= 1 or step % self.every == 0:
+            self.record(model, step)
+        return False
+
+    def record(self, model: Any, step: int | None = None) -> None:
+        step = len(self._steps) if step is None else int(step)
+        toks = to_tokens(model, self.tokens)
+        if model.cfg.n_layers < 2:
+            raise InputError("depth-wise coupling needs a model with at least 2 layers.")
+        positions = self.positions
+        if positions is None:
+            positions = [toks.shape[1] - 1]
+        c = coupling(model, toks, mode="depth", k=self.k, positions=positions,
+                     keep_products=False, method=self.method, max_memory_mb=self.max_memory_mb,
+                     progress=False)
+        self._ks = c.ks
+        self._steps.append(step)
+        self._scal.append(torch.tensor([c.scalar(K) for K in c.ks], dtype=torch.float64))
+        mats = torch.stack([c.matrix(K).mean(0) for K in c.ks]).double().cpu()  # [nk, L, L]
+        self._mats.append(mats)
+        self._traj.append(trajectory_metrics(model, toks).summary())
+
+    def result(self) -> TrainingCoupling:
+        if not self._steps:
+            raise InputError("nothing recorded yet: call the tracker on a model first.")
+        traj = {k: torch.tensor([t[k] for t in self._traj], dtype=torch.float64)
+                for k in self._traj[0]}
+        return TrainingCoupling(tuple(self._steps), self._ks or (), torch.stack(self._scal),
+                                torch.stack(self._mats), traj)
+
+
+def _iter_checkpoints(checkpoints: Any, steps: Sequence[int] | None) -> list[tuple[int, Any]]:
+    """(step, model-or-loader) pairs from models, paths, a {step: ...} mapping or a TrainResult."""
+    if hasattr(checkpoints, "checkpoints") and hasattr(checkpoints, "model_at"):
+        run = checkpoints
+        return [(s, (lambda s=s: run.model_at(s))) for s in sorted(run.checkpoints)]
+    if isinstance(checkpoints, Mapping):
+        items = sorted(checkpoints.items())
+    else:
+        items = list(checkpoints)
+        if steps is not None and len(steps) != len(items):
+            raise InputError(f"got {len(steps)} steps for {len(items)} checkpoints.")
+        items = list(zip(steps if steps is not None else range(len(items)), items))
+    if not items:
+        raise InputError("no checkpoints given.")
+    return [(int(s), c) for s, c in items]
+
+
+def _materialise(ckpt: Any) -> Any:
+    if isinstance(ckpt, (str, Path)):
+        from .models import load_checkpoint
+
+        return load_checkpoint(ckpt)
+    if callable(ckpt) and not isinstance(ckpt, torch.nn.Module):
+        return ckpt()
+    if hasattr(ckpt, "model") and hasattr(ckpt, "step") and not isinstance(ckpt, torch.nn.Module):
+        return ckpt.model()
+    return ckpt
+
+
+def coupling_through_training(
+    checkpoints: Any,
+    tokens: Any,
+    *,
+    steps: Sequence[int] | None = None,
+    k: int | Sequence[int] | None = None,
+    positions: Sequence[int] | int | None = None,
+    method: str = "auto",
+    max_memory_mb: float | None = 1024,
+    progress: bool = True,
+) -> TrainingCoupling:
+    """Depth-wise coupling and trajectory metrics of each checkpoint of a training run.
+
+    ``checkpoints``: a sequence of models or lensprobe checkpoint paths
+    (:func:`lensprobe.save_checkpoint`), a mapping step -> model/path, or a
+    :class:`lensprobe.training.TrainResult` (its kept checkpoints). ``steps`` labels a
+    plain sequence (default 0, 1, ...). For every checkpoint: the mean off-diagonal
+    depth-wise coupling of J^l_tt at ``positions`` (default the last token) for each K, the
+    L x L matrices, and the means of :func:`trajectory_metrics` (Aubry et al., ICLR 2025:
+    coupling rises early in training and then plateaus, strongest between nearby layers).
+    """
+    tracker = CouplingTracker(tokens, k=k, positions=positions, method=method,
+                              max_memory_mb=max_memory_mb)
+    pairs = _iter_checkpoints(checkpoints, steps)
+    for step, ck in _progress(pairs, len(pairs), "checkpoints", progress):
+        tracker.record(_materialise(ck), step)
+    return tracker.result()
