@@ -23,5 +23,4 @@ from . import tasks, views
 from .coupling import block_jacobians, coupling, coupling_metric, trajectory_metrics, coupling_through_training, CouplingTracker
 from .training import train, evaluate, TrainResult
 from . import zoo
-from .smoothing import ov_spectrum, dominance, smoothing_profile, sign_controlled, flip_ln_gamma
 from .priority import TokenPriorityGraph, Retrieval, GraphSVM, InfeasibleError, graph_svm, head_W, priority_model, priority_loss, train_priority, PriorityAlignment, priority_alignment, AlignmentCurve, alignment_curve, retrieval_graph_view
