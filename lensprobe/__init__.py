@@ -23,4 +23,3 @@ from . import tasks, views
 from .coupling import block_jacobians, coupling, coupling_metric, trajectory_metrics, coupling_through_training, CouplingTracker
 from .training import train, evaluate, TrainResult
 from . import zoo
-from .priority import TokenPriorityGraph, Retrieval, GraphSVM, InfeasibleError, graph_svm, head_W, priority_model, priority_loss, train_priority, PriorityAlignment, priority_alignment, AlignmentCurve, alignment_curve, retrieval_graph_view
