@@ -23,3 +23,4 @@ from . import tasks, views
 from .coupling import block_jacobians, coupling, coupling_metric, trajectory_metrics, coupling_through_training, CouplingTracker
 from .training import train, evaluate, TrainResult
 from . import zoo
+from .stacking import stacked_heads, emergence, depth_study, hop_scores, query_accuracy, StackedHeads, Emergence, DepthStudy

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import _tl
 from .core import guard
 from .errors import InputError
-from .inputs import check_finite, model_device
+from .inputs import check_finite, model_device, to_tokens
 from .tasks.base import IGNORE, Batch, Task
 
 __all__ = ["train", "evaluate", "TrainResult", "Evaluation", "Checkpoint", "NGD"]
@@ -108,7 +108,7 @@ def evaluate(
     _tl.require_model(model)
     batch = _as_batch(task_or_batch, batch_size, seed)
     with guard(model), torch.no_grad():
-        logits = model(batch.tokens.to(model_device(model)))
+        logits = model(to_tokens(model, batch.tokens))
     return _per_difficulty(logits, batch)
 
 
@@ -270,7 +270,10 @@ def default_loss(model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, floa
     mask = batch.targets != IGNORE
     if not bool(mask.any()):
         raise InputError("the batch has no supervised position (every target is IGNORE).")
-    loss = F.cross_entropy(logits[mask].float(), batch.targets[mask])
+    sel = logits[mask]
+    if sel.dtype in (torch.float16, torch.bfloat16):
+        sel = sel.float()
+    loss = F.cross_entropy(sel, batch.targets[mask])
     return loss, {}
 
 

@@ -137,6 +137,18 @@ class RetrievalTask:
         self.first_stmt = 1 if self.bos else 0
         self.seq_len = self.first_stmt + self.n_statements * self.stmt_len + 2
 
+    def config(self) -> dict[str, Any]:
+        """The constructor options as JSON-friendly data: ``RetrievalTask(**task.config())``."""
+        hops = self.hops
+        if isinstance(hops, Mapping):
+            hops = {str(k): float(v) for k, v in hops.items()}
+        elif not isinstance(hops, int):
+            hops = [int(h) for h in hops]
+        return dict(hops=hops, n_statements=self.n_statements, n_vars=self.n_vars,
+                    n_values=self.n_values, distractor_hops=self.distractor_hops,
+                    assign=self.assign, separator=self.separator, query=self.query, bos=self.bos,
+                    supervision=self.supervision, order=self.order)
+
     # ------------------------------------------------------------------ sampling
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
         """``batch_size`` sequences; ground truth in ``batch.info`` (see the module doc)."""

@@ -1,0 +1,237 @@
+"""Stacked-head detection, emergence and the depth study, against plain computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lensprobe as lp
+from lensprobe import stacking
+from lensprobe.tasks import IGNORE
+from lensprobe.tasks.retrieval import RetrievalTask
+
+
+@pytest.fixture(scope="module")
+def task():
+    return RetrievalTask(hops=[1, 2, 3], n_statements=5, n_vars=8, n_values=5)
+
+
+@pytest.fixture(scope="module")
+def batch(task):
+    return task.sample(6, torch.Generator().manual_seed(0))
+
+
+def model_for(task, **kw):
+    opts = dict(n_layers=2, n_heads=2, d_model=16, d_vocab=len(task.vocab), n_ctx=task.seq_len,
+                attn_only=True, dtype=torch.float64, vocab=task.vocab)
+    opts.update(kw)
+    return lp.tiny_model(**opts)
+
+
+def plain_patterns(model, tokens):
+    _, cache = model.run_with_cache(tokens)
+    return [cache[f"blocks.{l}.attn.hook_pattern"] for l in range(model.cfg.n_layers)]
+
+
+def test_hop_scores_match_loops(task, batch):
+    model = model_for(task, seed=3)
+    pats = plain_patterns(model, batch.tokens)
+    res = stacking.hop_scores(model, batch, target="statement")
+    res_rhs = stacking.hop_scores(model, batch, target="rhs")
+    K = task.max_hops
+    B, T = batch.tokens.shape
+    for l in range(2):
+        for h in range(2):
+            for k in range(1, K + 1):
+                tot, tot_rhs, n = 0.0, 0.0, 0
+                for b in range(B):
+                    for i in range(T):
+                        if batch.info["hops"][b, i] < k:
+                            continue
+                        lhs = int(batch.info["ref_lhs"][b, i, k - 1])
+                        rhs = int(batch.info["ref_pos"][b, i, k - 1])
+                        tot += float(sum(pats[l][b, h, i, j] for j in range(lhs, lhs + task.stmt_len)))
+                        tot_rhs += float(pats[l][b, h, i, rhs])
+                        n += 1
+                assert res.scores[l, h, k - 1] == pytest.approx(tot / n, abs=1e-9)
+                assert res_rhs.scores[l, h, k - 1] == pytest.approx(tot_rhs / n, abs=1e-9)
+            # baselines over positions with >= 1 hop
+            prev = same = bos = self_ = 0.0
+            n = 0
+            for b in range(B):
+                for i in range(T):
+                    if batch.info["hops"][b, i] < 1:
+                        continue
+                    A = pats[l][b, h, i]
+                    prev += float(A[i - 1])
+                    same += float(sum(A[j] for j in range(i) if batch.tokens[b, j] == batch.tokens[b, i]))
+                    bos += float(A[0])
+                    self_ += float(A[i])
+                    n += 1
+            assert res.baselines["previous"][l, h] == pytest.approx(prev / n, abs=1e-9)
+            assert res.baselines["same_token"][l, h] == pytest.approx(same / n, abs=1e-9)
+            assert res.baselines["bos"][l, h] == pytest.approx(bos / n, abs=1e-9)
+            assert res.baselines["self"][l, h] == pytest.approx(self_ / n, abs=1e-9)
+
+
+def test_k_composition_matches_factored_matrices(task):
+    model = model_for(task, seed=5)
+    for (l1, h1), (l2, h2) in [((0, 0), (1, 1)), ((0, 1), (1, 0))]:
+        comp = model.QK[l2, h2] @ model.OV[l1, h1].T  # FactoredMatrix product
+        expected = comp.norm() / (model.QK[l2, h2].norm() * model.OV[l1, h1].norm())
+        assert stacking.k_composition(model, (l1, h1), (l2, h2)) == pytest.approx(float(expected), rel=1e-8)
+
+
+def _manual_ablated_accuracy(model, batch, layer, head, mode):
+    def hook(z, hook):
+        z = z.clone()
+        if mode == "zero":
+            z[:, :, head, :] = 0
+        else:
+            z[:, :, head, :] = z[:, :, head, :].reshape(-1, z.shape[-1]).mean(0)
+        return z
+
+    logits = model.run_with_hooks(batch.tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", hook)])
+    out = {}
+    for d in sorted(set(batch.difficulty[batch.targets != IGNORE].tolist())):
+        hits = [int(logits[b, i].argmax()) == int(batch.targets[b, i])
+                for b in range(len(batch)) for i in range(batch.tokens.shape[1])
+                if batch.targets[b, i] != IGNORE and batch.difficulty[b, i] == d]
+        out[d] = sum(hits) / len(hits)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_stacked_heads_ablation_and_model_untouched(task, batch, mode, fingerprint):
+    model = model_for(task, seed=1)
+    fp = fingerprint(model)
+    res = stacking.stacked_heads(model, batch, threshold=0.0, ablation=mode, ablate="all")
+    assert fingerprint(model) == fp
+    logits = model(batch.tokens)
+    for d, acc in res.clean_accuracy.items():
+        sel = (batch.targets != IGNORE) & (batch.difficulty == d)
+        assert acc == pytest.approx(float((logits.argmax(-1)[sel] == batch.targets[sel]).float().mean()))
+    for l in range(2):
+        for h in range(2):
+            manual = _manual_ablated_accuracy(model, batch, l, h, mode)
+            got = res.ablation[f"L{l}H{h}"]
+            for d in manual:
+                assert got[d] == pytest.approx(res.clean_accuracy[d] - manual[d], abs=1e-6)
+    # detection logic: each layer's best specialist, by the definition
+    for s in res.stack:
+        l, h = s["layer"], s["head"]
+        assert s["hop"] == int(res.scores[l, h].argmax()) + 1
+        assert all(res.best_score[l, hh] <= s["score"] for hh in range(2) if res.specialist[l, hh])
+    df = res.to_dataframe()
+    assert len(df) == 4 and {"hop_1", "previous", "in_stack"} <= set(df.columns)
+    import matplotlib.pyplot as plt
+
+    plt.close(res.plot())
+
+
+def test_stacked_heads_failure_midway_leaves_model(task, batch, fingerprint, monkeypatch):
+    model = model_for(task, seed=2)
+    model.blocks[0].attn.hook_pattern.add_hook(lambda a, hook: a)  # a user hook survives
+    fp = fingerprint(model)
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(stacking, "_ablated_logits", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        stacking.stacked_heads(model, batch, threshold=0.0, ablation="zero", ablate="all")
+    assert fingerprint(model) == fp
+    with pytest.raises(lp.InputError, match="retrieval Batch"):
+        stacking.stacked_heads(model, lp.tasks.Batch(batch.tokens, batch.targets, batch.difficulty))
+    with pytest.raises(lp.InputError, match="ablation"):
+        stacking.stacked_heads(model, batch, ablation="half")
+    assert fingerprint(model) == fp
+
+
+def test_views_escape_tokens(tmp_path):
+    nasty = RetrievalTask(hops=2, n_statements=3, n_vars=4, n_values=3, assign="<b>",
+                          separator="&", query="</script>")
+    b = nasty.sample(4, torch.Generator().manual_seed(1))
+    model = model_for(nasty, seed=0)
+    res = stacking.stacked_heads(model, b, threshold=0.0, ablation=None)
+    html = res.chain_view().to_html()
+    assert "<svg" in html and "&lt;b&gt;" in html and "&lt;/script&gt;" in html
+    assert "<b>" not in html.split("<body>")[1].replace("<b>" * 0, "")
+    page = res.show().to_html()
+    assert "CircuitsVis.render" in page and "</script>" not in _between_scripts(page)
+    out = res.save_html(tmp_path / "stack.html")
+    text = out.read_text()
+    assert out.is_file() and 'src="http' not in text and "<link" not in text
+
+
+def _between_scripts(page: str) -> str:
+    """Text outside <script>...</script> elements, where a raw token would be live HTML."""
+    import re
+
+    return re.sub(r"<script>.*?</script>", "", page, flags=re.S).replace("</body>", "")
+
+
+def test_stays_from_and_emergence_on_known_sequence(task, batch):
+    steps = [0, 1, 2, 3, 4]
+    assert stacking._stays_from([0.1, 0.5, 0.2, 0.6, 0.7], steps, lambda v: v >= 0.3) == 3
+    assert stacking._stays_from([0.1, 0.2, 0.2, 0.1, 0.2], steps, lambda v: v >= 0.3) is None
+    # a model with zero queries attends uniformly; swapping in another model at step 10
+    # makes exactly the heads whose score was below the threshold before emerge at 10
+    sharp = model_for(task, seed=0)
+    flat = model_for(task, seed=0)
+    sd = lp._tl.portable_state_dict(flat)
+    for l in range(2):
+        sd[f"blocks.{l}.attn.W_Q"] = torch.zeros_like(sd[f"blocks.{l}.attn.W_Q"])
+        sd[f"blocks.{l}.attn.b_Q"] = torch.zeros_like(sd[f"blocks.{l}.attn.b_Q"])
+    lp._tl.load_portable_state_dict(flat, sd)
+    em = stacking.emergence([(0, flat), (10, sharp), (20, sharp)], batch, threshold=0.0,
+                            progress=False)
+    assert em.steps == [0, 10, 20]
+    assert set(em.order) == {f"L{l}H{h}" for l in range(2) for h in range(2)}
+    assert all(v == 0 for v in em.emerged_at.values())  # threshold 0: present from the start
+    hs = stacking.hop_scores(sharp, batch)
+    hs_flat = stacking.hop_scores(flat, batch)
+    best = hs.scores.argmax(-1)
+    thr = float(hs.scores.max(-1).values.median())
+    em2 = stacking.emergence({0: flat, 10: sharp, 20: sharp}, batch, threshold=thr, progress=False)
+    for l in range(2):
+        for h in range(2):
+            k = int(best[l, h])
+            assert em.scores[-1, l, h] == pytest.approx(float(hs.scores[l, h, k]))
+            assert em.scores[0, l, h] == pytest.approx(float(hs_flat.scores[l, h, k]))
+            want = None
+            if hs.scores[l, h, k] >= thr:
+                want = 0 if hs_flat.scores[l, h, k] >= thr else 10
+            assert em2.emerged_at.get(f"L{l}H{h}") == want
+    # losses per difficulty: plain cross-entropy at the supervised positions
+    logits = sharp(batch.tokens)
+    for n, d in enumerate(em2.difficulties):
+        sel = (batch.targets != IGNORE) & (batch.difficulty == d)
+        ce = torch.nn.functional.cross_entropy(logits[sel], batch.targets[sel])
+        assert em2.loss[1, n] == pytest.approx(float(ce), rel=1e-9)
+    assert len(em2.to_dataframe()) == 4
+    import matplotlib.pyplot as plt
+
+    plt.close(em2.plot())
+
+
+def test_depth_study_small_grid(task):
+    res = stacking.depth_study(task, layers=(1,), seeds=(0, 1), steps=2, eval_batch_size=16,
+                               model_kwargs=dict(d_model=16, n_heads=2), progress=False)
+    assert res.accuracy.shape == (1, 2, 3)
+    assert ((res.accuracy >= 0) & (res.accuracy <= 1)).all()
+    df = res.to_dataframe()
+    assert len(df) == 6 and set(df["bound_layers"]) == {1, 2}
+    import matplotlib.pyplot as plt
+
+    plt.close(res.plot())
+
+
+def test_query_accuracy_matches_loop(task, batch):
+    model = model_for(task, seed=4)
+    qa = stacking.query_accuracy(model, batch)
+    logits = model(batch.tokens)[:, -1]
+    for D in qa:
+        rows = [b for b in range(len(batch)) if batch.info["main_hops"][b] == D]
+        hits = [int(logits[b].argmax()) == int(batch.targets[b, -1]) for b in rows]
+        assert qa[D] == pytest.approx(sum(hits) / len(rows))
