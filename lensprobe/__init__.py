@@ -24,3 +24,4 @@ from .coupling import block_jacobians, coupling, coupling_metric, trajectory_met
 from .training import train, evaluate, TrainResult
 from . import zoo
 from .stacking import stacked_heads, emergence, depth_study, hop_scores, query_accuracy, StackedHeads, Emergence, DepthStudy
+from .smoothing import ov_spectrum, dominance, smoothing_profile, sign_controlled, flip_ln_gamma
