@@ -5,3 +5,4 @@ Every task follows :class:`lensprobe.tasks.base.Task` (seeded ``sample`` -> :cla
 
 from .base import IGNORE, Batch, Task
 from .retrieval import RetrievalTask
+from .priority import PriorityTask, FixedData, priority_dataset

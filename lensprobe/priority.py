@@ -1,0 +1,1320 @@
+"""Hard retrieval and soft composition: the token-priority graph (TPG).
+
+Li, Huang, Ildiz, Rawat, Oymak, "Mechanics of Next Token Prediction with Self-Attention",
+AISTATS 2024 (arXiv 2403.08081).
+
+Setting: one attention layer reads a sequence X (rows e_{x_t}, unit-norm token
+embeddings) with last token x_T = k, attends with s = softmax(X W e_k) and predicts the
+attention mass per token, p(v) = sum_t s_t 1[x_t = v]; the loss is -log p(y).
+
+* :class:`TokenPriorityGraph` -- for every last token k the directed graph G^(k) with an
+  edge y -> x_t for every training sample (X, y) ending in k and every other token x_t in
+  X; its strongly connected components (equal priority) and their condensation order;
+  the hard-retrieval set of any input.
+* :func:`graph_svm` -- W_svm = argmin ||W||_F s.t. (e_y - e_j)^T W e_k >= 1 for every
+  edge y -> j of G^(k) across SCCs and = 0 within an SCC; and W_fin, the minimiser of the
+  loss on sequences reduced to their label's SCC over the within-SCC span
+  S_fin = span{(e_i - e_j) e_k^T : i, j in one SCC of G^(k)}.
+* :func:`priority_model` / :func:`train_priority` -- the paper's one-layer model as a
+  TransformerLens model, trained by normalised gradient descent (``lp.train``).
+* :func:`head_W` -- W of any head: W = (QK[l, h])^T / attn_scale, because the score of
+  key position t at the query T is x_T W_Q W_K^T x_t / scale = x_t^T W x_T.
+* :func:`priority_alignment` / :func:`alignment_curve` -- how a head matches the graph:
+  cos(W, W_svm), ||P_fin W - W_fin||_F, cos(W - P_fin W, W_svm), attention mass on the
+  retrieved SCC, within-SCC split against softmax of W_fin scores, and the head's own
+  ("local") priority graph compared edge by edge with the data's.
+* :func:`retrieval_graph_view` -- a self-contained HTML/SVG page of all of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Sequence
+
+import networkx as nx
+import numpy as np
+import torch
+
+from . import _tl
+from .core import guard, run_hooked
+from .errors import InputError
+from .inputs import check_head, check_layer, to_tokens
+from .views import View, escape, html_page
+
+__all__ = [
+    "TokenPriorityGraph",
+    "Retrieval",
+    "GraphSVM",
+    "InfeasibleError",
+    "graph_svm",
+    "head_W",
+    "priority_model",
+    "priority_loss",
+    "train_priority",
+    "PriorityAlignment",
+    "priority_alignment",
+    "AlignmentCurve",
+    "alignment_curve",
+    "retrieval_graph_view",
+]
+
+
+class InfeasibleError(InputError):
+    """The Graph-SVM constraints admit no W (e.g. linearly dependent token embeddings)."""
+
+
+# =========================================================================== the graph
+@dataclass(frozen=True)
+class Retrieval:
+    """The hard-retrieval prediction for one input sequence.
+
+    last_token:   k = the sequence's last token.
+    tokens:       the retrieved tokens: the tokens present in the context that belong to
+                  the highest-priority SCC(s) of G^(k) present (sorted).
+    sccs:         one tuple of present tokens per maximal present SCC (several when they
+                  are incomparable: no path between them in G^(k)).
+    tie:          a retrieved SCC has two or more present tokens (soft composition).
+    incomparable: more than one maximal SCC is present.
+    unranked:     present tokens that are not nodes of G^(k) (never seen with k).
+    known:        G^(k) exists (k was the last token of some training sample).
+    """
+
+    last_token: int
+    tokens: tuple[int, ...]
+    sccs: tuple[tuple[int, ...], ...]
+    tie: bool
+    incomparable: bool
+    unranked: tuple[int, ...]
+    known: bool
+
+    @property
+    def status(self) -> str:
+        if not self.known:
+            return "unknown last token"
+        if not self.tokens:
+            return "no ranked token"
+        if self.incomparable:
+            return "incomparable"
+        return "tie" if self.tie else "unique"
+
+
+def _as_sequences(sequences: Any, labels: Any) -> tuple[list[tuple[int, ...]], list[int]]:
+    if isinstance(sequences, torch.Tensor):
+        if sequences.ndim != 2:
+            raise InputError(f"sequences must be [n, T], got shape {tuple(sequences.shape)}.")
+        seqs = [tuple(int(t) for t in row) for row in sequences.tolist()]
+    else:
+        seqs = [tuple(int(t) for t in s) for s in sequences]
+    labs = [int(v) for v in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
+    if len(seqs) != len(labs):
+        raise InputError(f"got {len(seqs)} sequences but {len(labs)} labels; pass one label each.")
+    if not seqs:
+        raise InputError("the dataset is empty: pass at least one (sequence, label) pair.")
+    if any(len(s) == 0 for s in seqs):
+        raise InputError("a sequence is empty; every sequence needs at least its last token.")
+    if min(min(s) for s in seqs) < 0 or min(labs) < 0:
+        raise InputError("token ids must be non-negative.")
+    return seqs, labs
+
+
+class TokenPriorityGraph:
+    """The token-priority graph of a dataset of (sequence, next token) pairs.
+
+    For each last token k, G^(k) has the tokens of all sequences ending in k as nodes
+    and an edge y -> x_t for every such sample (X, y) and every token x_t != y of X
+    (the last token included): "the label outranks everything else in its context".
+    Edge attribute ``count`` = the number of samples giving the edge.
+
+    SCCs are the sets of equal priority; the condensation DAG orders them. ``levels(k)``
+    lays them out by priority: level 0 holds the SCCs nothing outranks, level l the SCCs
+    whose longest chain of outranking SCCs above them has length l.
+
+    Build with :meth:`from_data` (tensors or lists) or :meth:`from_batch` (a task Batch,
+    label = target at the last position).
+    """
+
+    def __init__(
+        self,
+        sequences: list[tuple[int, ...]],
+        labels: list[int],
+        *,
+        n_tokens: int | None = None,
+        vocab: Sequence[str] | None = None,
+    ):
+        self.sequences = sequences
+        self.labels = labels
+        top = max(max(max(s) for s in sequences), max(labels)) + 1
+        self.n_tokens = int(n_tokens) if n_tokens is not None else (len(vocab) if vocab else top)
+        if self.n_tokens < top:
+            raise InputError(f"token id {top - 1} is outside n_tokens={self.n_tokens}.")
+        self.vocab = list(vocab) if vocab is not None else [str(i) for i in range(self.n_tokens)]
+        if len(self.vocab) != self.n_tokens:
+            raise InputError(f"vocab has {len(self.vocab)} strings for {self.n_tokens} tokens.")
+        graphs: dict[int, nx.DiGraph] = {}
+        for seq, y in zip(sequences, labels):
+            g = graphs.setdefault(seq[-1], nx.DiGraph())
+            g.add_nodes_from(seq)
+            g.add_node(y)
+            for t in set(seq) - {y}:
+                if g.has_edge(y, t):
+                    g[y][t]["count"] += 1
+                else:
+                    g.add_edge(y, t, count=1)
+        self.graphs = dict(sorted(graphs.items()))
+        self._order: dict[int, tuple] = {}
+
+    @classmethod
+    def from_data(
+        cls, sequences: Any, labels: Any, *, n_tokens: int | None = None,
+        vocab: Sequence[str] | None = None,
+    ) -> "TokenPriorityGraph":
+        """``sequences``: [n, T] tensor or a list of token-id lists; ``labels``: [n]."""
+        seqs, labs = _as_sequences(sequences, labels)
+        return cls(seqs, labs, n_tokens=n_tokens, vocab=vocab)
+
+    @classmethod
+    def from_batch(cls, batch: Any, *, vocab: Sequence[str] | None = None) -> "TokenPriorityGraph":
+        """A task :class:`~lensprobe.tasks.base.Batch`: label = target at the last position."""
+        from .tasks.base import IGNORE
+
+        labels = batch.targets[:, -1]
+        if bool((labels == IGNORE).any()):
+            raise InputError("some sequences have no target at the last position (IGNORE).")
+        return cls.from_data(batch.tokens, labels, vocab=vocab)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def last_tokens(self) -> list[int]:
+        return list(self.graphs)
+
+    def graph(self, k: int) -> nx.DiGraph:
+        if k not in self.graphs:
+            raise InputError(
+                f"no sequence in the data ends in token {k}; last tokens with a graph:"
+                f" {self.last_tokens[:20]}."
+            )
+        return self.graphs[k]
+
+    def _structure(self, k: int) -> tuple:
+        if k not in self._order:
+            g = self.graph(k)
+            comps = list(nx.strongly_connected_components(g))
+            cond = nx.condensation(g, scc=comps)
+            level = {}
+            for c in nx.topological_sort(cond):
+                preds = list(cond.predecessors(c))
+                level[c] = 1 + max(level[p] for p in preds) if preds else 0
+            order = sorted(cond.nodes, key=lambda c: (level[c], min(cond.nodes[c]["members"])))
+            new = {c: i for i, c in enumerate(order)}
+            sccs = tuple(tuple(sorted(cond.nodes[c]["members"])) for c in order)
+            levels = tuple(level[c] for c in order)
+            scc_id = {t: new[cond.graph["mapping"][t]] for t in g.nodes}
+            below = tuple(frozenset(new[d] for d in nx.descendants(cond, c)) for c in order)
+            self._order[k] = (sccs, levels, scc_id, below)
+        return self._order[k]
+
+    def sccs(self, k: int) -> tuple[tuple[int, ...], ...]:
+        """SCCs of G^(k) (sorted token tuples), ordered by priority level, then token."""
+        return self._structure(k)[0]
+
+    def levels(self, k: int) -> tuple[int, ...]:
+        """The priority level of each SCC of :meth:`sccs` (0 = top)."""
+        return self._structure(k)[1]
+
+    def scc_index(self, k: int) -> dict[int, int]:
+        """token -> index into :meth:`sccs` for the nodes of G^(k)."""
+        return dict(self._structure(k)[2])
+
+    def outranks(self, k: int, a: int, b: int) -> bool:
+        """True when G^(k) has a path a ~> b (a has priority over b, or they are tied)."""
+        g = self.graph(k)
+        return a in g and b in g and (a == b or nx.has_path(g, a, b))
+
+    @property
+    def is_acyclic(self) -> bool:
+        return all(len(c) == 1 for k in self.graphs for c in self.sccs(k))
+
+    def within_pairs(self, k: int) -> list[tuple[int, int]]:
+        """Edges of G^(k) inside one SCC (equality constraints of the Graph-SVM)."""
+        sid = self._structure(k)[2]
+        return [(a, b) for a, b in self.graph(k).edges if sid[a] == sid[b]]
+
+    def cross_pairs(self, k: int) -> list[tuple[int, int]]:
+        """Edges of G^(k) between SCCs (margin constraints of the Graph-SVM)."""
+        sid = self._structure(k)[2]
+        return [(a, b) for a, b in self.graph(k).edges if sid[a] != sid[b]]
+
+    # ------------------------------------------------------------------ retrieval
+    def retrieve(self, sequence: Any) -> Retrieval:
+        """The hard-retrieval set of one sequence (last token = its last element)."""
+        seq = [int(t) for t in (sequence.tolist() if isinstance(sequence, torch.Tensor) else sequence)]
+        if not seq:
+            raise InputError("cannot retrieve from an empty sequence.")
+        k = seq[-1]
+        present = set(seq)
+        if k not in self.graphs:
+            return Retrieval(k, (), (), False, False, tuple(sorted(present)), False)
+        sccs, _, sid, below = self._structure(k)
+        ranked = {t for t in present if t in sid}
+        ids = {sid[t] for t in ranked}
+        top = sorted(c for c in ids if not any(c in below[o] for o in ids if o != c))
+        groups = tuple(tuple(sorted(t for t in ranked if sid[t] == c)) for c in top)
+        tokens = tuple(sorted(t for grp in groups for t in grp))
+        return Retrieval(
+            last_token=k,
+            tokens=tokens,
+            sccs=groups,
+            tie=any(len(grp) > 1 for grp in groups),
+            incomparable=len(groups) > 1,
+            unranked=tuple(sorted(present - ranked)),
+            known=True,
+        )
+
+    def retrieve_all(self, sequences: Any) -> list[Retrieval]:
+        seqs = sequences.tolist() if isinstance(sequences, torch.Tensor) else sequences
+        return [self.retrieve(s) for s in seqs]
+
+    # ------------------------------------------------------------------ outputs
+    def edges(self) -> list[tuple[int, int, int]]:
+        """All edges as (k, src, dst)."""
+        return [(k, a, b) for k, g in self.graphs.items() for a, b in g.edges]
+
+    def to_dataframe(self) -> Any:
+        """One row per edge: k, src, dst (ids and strings), count, same_scc, levels."""
+        import pandas as pd
+
+        rows = []
+        for k, g in self.graphs.items():
+            sccs, levels, sid, _ = self._structure(k)
+            for a, b in g.edges:
+                rows.append(dict(
+                    k=k, src=a, dst=b, k_str=self.vocab[k], src_str=self.vocab[a],
+                    dst_str=self.vocab[b], count=g[a][b]["count"], same_scc=sid[a] == sid[b],
+                    src_level=levels[sid[a]], dst_level=levels[sid[b]],
+                ))
+        return pd.DataFrame(rows)
+
+    def summary(self) -> Any:
+        """One row per last token: nodes, edges, SCCs, the largest SCC, levels."""
+        import pandas as pd
+
+        return pd.DataFrame([
+            dict(k=k, k_str=self.vocab[k], nodes=g.number_of_nodes(), edges=g.number_of_edges(),
+                 sccs=len(self.sccs(k)), largest_scc=max(len(c) for c in self.sccs(k)),
+                 levels=max(self.levels(k)) + 1)
+            for k, g in self.graphs.items()
+        ])
+
+    def plot(self, last_tokens: Sequence[int] | None = None, *, max_panels: int = 12) -> Any:
+        """The graphs G^(k) as matplotlib panels, SCCs stacked by priority (top = level 0)."""
+        import matplotlib.pyplot as plt
+
+        ks = list(last_tokens) if last_tokens is not None else self.last_tokens[:max_panels]
+        cols = min(4, len(ks))
+        rows = math.ceil(len(ks) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, k in zip(axes.flat, ks):
+            pos, boxes = _layout(self, k, extra=())
+            for (x0, y0, w, h), _ in boxes:
+                ax.add_patch(plt.Rectangle((x0, -y0 - h), w, h, fill=False, ec="#999", lw=0.8))
+            for a, b in self.graph(k).edges:
+                (xa, ya), (xb, yb) = pos[a], pos[b]
+                ax.annotate("", xy=(xb, -yb), xytext=(xa, -ya), arrowprops=dict(
+                    arrowstyle="->", color="#333", lw=0.8, shrinkA=9, shrinkB=9,
+                    connectionstyle="arc3,rad=0.2"))
+            for t, (x, y) in pos.items():
+                ax.plot([x], [-y], "o", ms=16, mfc="white", mec="#1f77b4")
+                ax.text(x, -y, self.vocab[t], ha="center", va="center", fontsize=8)
+            xs = [p[0] for p in pos.values()]
+            ys = [-p[1] for p in pos.values()]
+            ax.set_xlim(min(xs) - 40, max(xs) + 40)
+            ax.set_ylim(min(ys) - 40, max(ys) + 40)
+            ax.set_title(f"last token {self.vocab[k]}", fontsize=9)
+        fig.tight_layout()
+        return fig
+
+    def show(self, alignment: "PriorityAlignment | None" = None, svm: "GraphSVM | None" = None,
+             **kw: Any) -> View:
+        return retrieval_graph_view(self, alignment=alignment, svm=svm, **kw)
+
+    def __repr__(self) -> str:
+        n_edges = sum(g.number_of_edges() for g in self.graphs.values())
+        return (f"TokenPriorityGraph({len(self.sequences)} samples, {len(self.graphs)} last tokens,"
+                f" {n_edges} edges, {'acyclic' if self.is_acyclic else 'cyclic'})")
+
+
+# =========================================================================== Graph-SVM
+def _embeddings(embeddings: Any) -> torch.Tensor:
+    """[n_tokens, d] float64 CPU embeddings from a tensor, an array or a model (its W_E)."""
+    if hasattr(embeddings, "W_E") and hasattr(embeddings, "cfg"):
+        _tl.require_model(embeddings)
+        embeddings = embeddings.W_E
+    E = torch.as_tensor(embeddings).detach().to("cpu", torch.float64)
+    if E.ndim != 2:
+        raise InputError(f"embeddings must be [n_tokens, d], got shape {tuple(E.shape)}.")
+    if not bool(torch.isfinite(E).all()):
+        raise InputError("embeddings contain NaN or inf.")
+    return E
+
+
+def _reduced_batch(tpg: TokenPriorityGraph, reduce: bool) -> tuple[torch.Tensor, ...]:
+    """Padded (tokens [n, T], mask [n, T], labels [n], last [n]) of the samples.
+
+    ``reduce`` keeps only the positions whose token lies in the label's SCC of G^(k)
+    (the paper's reduced sequences). Samples whose label is not in the context are dropped.
+    """
+    rows, masks, labs, lasts = [], [], [], []
+    for seq, y in zip(tpg.sequences, tpg.labels):
+        k = seq[-1]
+        if y not in seq:
+            continue
+        if reduce:
+            sid = tpg._structure(k)[2]
+            keep = [sid[t] == sid[y] for t in seq]
+        else:
+            keep = [True] * len(seq)
+        rows.append(list(seq))
+        masks.append(keep)
+        labs.append(y)
+        lasts.append(k)
+    if not rows:
+        z = torch.zeros(0, 1, dtype=torch.long)
+        return z, z.bool(), z[:, 0], z[:, 0]
+    T = max(len(r) for r in rows)
+    tok = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    mask = torch.tensor([m + [False] * (T - len(m)) for m in masks])
+    return tok, mask, torch.tensor(labs), torch.tensor(lasts)
+
+
+def retrieval_loss(W: torch.Tensor, E: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                   labels: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Mean of -log sum_{t: x_t = y} softmax_t(e_{x_t}^T W e_k) over the masked positions."""
+    scores = torch.einsum("ntd,de,ne->nt", E[tokens], W, E[last])
+    neg = torch.finfo(scores.dtype).min
+    all_ = torch.logsumexp(scores.masked_fill(~mask, neg), dim=1)
+    lab = torch.logsumexp(scores.masked_fill(~mask | (tokens != labels[:, None]), neg), dim=1)
+    return (all_ - lab).mean()
+
+
+@dataclass(frozen=True)
+class GraphSVM:
+    """The Graph-SVM direction and the finite component of a token-priority graph.
+
+    W_svm:      [d, d] argmin ||W||_F s.t. (e_y - e_j)^T W e_k >= 1 for every edge
+                y -> j of G^(k) between SCCs and = 0 for every edge inside an SCC
+                (zeros when infeasible; see ``feasible``).
+    W_fin:      [d, d] argmin over S_fin of the reduced loss (mean over samples of
+                -log sum_{t: x_t=y} softmax(e_{x_t}^T W e_k) over the positions t whose
+                token lies in y's SCC of G^(k)).
+    fin_basis:  [r, d, d] orthonormal basis of S_fin = span{(e_i - e_j) e_k^T: i, j in
+                one SCC of G^(k)} (r = 0 when every SCC is a single token).
+    feasible:   whether the constraints admit a solution; ``message`` says why not.
+    margin:     min over cross-SCC edges of (e_y - e_j)^T W_svm e_k (1 when feasible).
+    within_residual: max over within-SCC edges of |(e_i - e_j)^T W_svm e_k|.
+    reduced_loss: the reduced loss at W_fin; fin_grad_norm: its gradient norm there.
+    embeddings: [n_tokens, d] the e_v used.
+    """
+
+    W_svm: torch.Tensor
+    W_fin: torch.Tensor
+    fin_basis: torch.Tensor
+    feasible: bool
+    message: str
+    margin: float
+    within_residual: float
+    n_cross: int
+    n_within: int
+    reduced_loss: float
+    fin_grad_norm: float
+    embeddings: torch.Tensor = field(repr=False)
+
+    def project_fin(self, W: torch.Tensor) -> torch.Tensor:
+        """Orthogonal projection of W [d, d] onto S_fin."""
+        W = torch.as_tensor(W, dtype=torch.float64)
+        B = self.fin_basis.reshape(self.fin_basis.shape[0], W.numel())
+        return (B.T @ (B @ W.reshape(-1))).reshape(W.shape)
+
+    def fin_scores(self, k: int, tokens: Sequence[int]) -> torch.Tensor:
+        """e_v^T W_fin e_k for each token v of ``tokens``."""
+        E = self.embeddings
+        return E[list(tokens)] @ self.W_fin @ E[k]
+
+    def to_dataframe(self, tpg: TokenPriorityGraph) -> Any:
+        """One row per constraint: k, src, dst, kind ('margin' or 'equal'), value under W_svm."""
+        import pandas as pd
+
+        E = self.embeddings
+        rows = []
+        for k in tpg.last_tokens:
+            for kind, pairs in (("margin", tpg.cross_pairs(k)), ("equal", tpg.within_pairs(k))):
+                for a, b in pairs:
+                    val = float((E[a] - E[b]) @ self.W_svm @ E[k])
+                    fin = float((E[a] - E[b]) @ self.W_fin @ E[k])
+                    rows.append(dict(k=k, src=a, dst=b, kind=kind, svm_value=val, fin_value=fin))
+        return pd.DataFrame(rows)
+
+    def plot(self) -> Any:
+        """W_svm and W_fin in token coordinates (E W E^T: score of key v for query k)."""
+        import matplotlib.pyplot as plt
+
+        E = self.embeddings
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+        for ax, (name, W) in zip(axes, (("W_svm", self.W_svm), ("W_fin", self.W_fin))):
+            M = (E @ W @ E.T).numpy()
+            lim = max(float(np.abs(M).max()), 1e-12)
+            im = ax.imshow(M, cmap="RdBu_r", vmin=-lim, vmax=lim)
+            ax.set_title(f"{name}: e_v^T W e_k")
+            ax.set_xlabel("last token k")
+            ax.set_ylabel("key token v")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        return fig
+
+
+def _orth_rows(M: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
+    """Orthonormal basis (rows) of the row space of M."""
+    if M.size == 0 or M.shape[0] == 0:
+        return np.zeros((0, M.shape[1]))
+    _, s, Vt = np.linalg.svd(M, full_matrices=False)
+    r = int((s > rtol * max(s[0], 1.0)).sum())
+    return Vt[:r]
+
+
+def graph_svm(
+    tpg: TokenPriorityGraph,
+    embeddings: Any,
+    *,
+    require_feasible: bool = True,
+    tol: float = 1e-7,
+) -> GraphSVM:
+    """The Graph-SVM solution W_svm and the finite component W_fin (Li et al. 2024).
+
+    W_svm = argmin ||W||_F  s.t. for every k and every edge (y -> j) of G^(k):
+            (e_y - e_j)^T W e_k >= 1  if y and j lie in different SCCs,
+            (e_y - e_j)^T W e_k  = 0  if they lie in the same SCC.
+
+    Solved exactly as a least-distance program: the minimiser lies in span(e_v) (x)
+    span(e_k), the equalities are eliminated with a null-space basis, and the remaining
+    problem min ||u|| s.t. G u >= 1 goes to ``scipy.optimize.nnls`` (Lawson & Hanson's
+    LDP reduction). The solution is then checked against every constraint; if they cannot
+    hold (``tol``), :class:`InfeasibleError` is raised, or with ``require_feasible=False``
+    the result has ``feasible=False``, zero W_svm and a message saying why.
+
+    W_fin = argmin_{W in S_fin} mean_i -log sum_{t in X_i^red: x_t = y_i}
+            softmax_t(e_{x_t}^T W e_{k_i}), X_i^red = the positions of X_i whose token lies
+    in y_i's SCC of G^(k_i); minimised with ``scipy.optimize.minimize`` (L-BFGS-B) over
+    an orthonormal basis of S_fin. W_svm is orthogonal to S_fin (its within-SCC
+    equalities span it).
+
+    ``embeddings``: [n_tokens, d] tensor (or a model: its W_E rows).
+    """
+    from scipy.linalg import null_space
+    from scipy.optimize import minimize, nnls
+
+    E = _embeddings(embeddings)
+    if E.shape[0] < tpg.n_tokens:
+        raise InputError(
+            f"embeddings have {E.shape[0]} rows but the graph uses {tpg.n_tokens} tokens."
+        )
+    d = E.shape[1]
+    En = E.numpy()
+    cross = [(k, a, b) for k in tpg.last_tokens for a, b in tpg.cross_pairs(k)]
+    within = [(k, a, b) for k in tpg.last_tokens for a, b in tpg.within_pairs(k)]
+
+    # --- W_svm: W = U M V^T with U, V orthonormal bases of the key / query token spans.
+    nodes = sorted({t for g in tpg.graphs.values() for t in g.nodes})
+    U = _orth_rows(En[nodes]).T  # [d, r1]
+    V = _orth_rows(En[tpg.last_tokens]).T  # [d, r2]
+
+    def rows(cons: list) -> np.ndarray:
+        if not cons:
+            return np.zeros((0, U.shape[1] * V.shape[1]))
+        return np.stack([np.outer(U.T @ (En[a] - En[b]), V.T @ En[k]).ravel() for k, a, b in cons])
+
+    G, B = rows(cross), rows(within)
+    message = "feasible"
+    feasible = True
+    m_vec = np.zeros(U.shape[1] * V.shape[1])
+    if cross:
+        N = null_space(B) if len(within) else np.eye(G.shape[1])
+        GN = G @ N
+        if N.shape[1] == 0:
+            feasible = False
+        else:
+            # LDP: min ||u|| s.t. GN u >= 1  <=>  NNLS on [GN^T; 1^T] z ~ [0; 1].
+            Emat = np.vstack([GN.T, np.ones((1, GN.shape[0]))])
+            f = np.zeros(Emat.shape[0])
+            f[-1] = 1.0
+            z, _ = nnls(Emat, f, maxiter=50 * Emat.shape[1] + 1000)
+            r = Emat @ z - f
+            if abs(r[-1]) < 1e-14:
+                feasible = False
+            else:
+                m_vec = N @ (-r[:-1] / r[-1])
+        if feasible:
+            margins = G @ m_vec
+            if margins.min() < 1 - tol * max(1.0, np.abs(m_vec).max()):
+                feasible = False
+        if not feasible:
+            rank = np.linalg.matrix_rank(En[nodes])
+            message = (
+                f"Graph-SVM is infeasible: no W satisfies (e_y - e_j)^T W e_k >= 1 on all"
+                f" {len(cross)} cross-SCC edges and = 0 on all {len(within)} within-SCC edges."
+                f" The {len(nodes)} tokens' embeddings span {rank} dimensions"
+                f"{' (linearly dependent)' if rank < len(nodes) else ''}; a token pair whose"
+                " difference is forced to score 0 cannot also be separated. Use linearly"
+                " independent embeddings (d_model >= number of tokens), or build the graph"
+                " from fewer tokens."
+            )
+            m_vec = np.zeros_like(m_vec)
+            if require_feasible:
+                raise InfeasibleError(message)
+    W_svm = torch.from_numpy(U @ m_vec.reshape(U.shape[1], V.shape[1]) @ V.T).to(torch.float64)
+    margin = float((G @ m_vec).min()) if cross else math.inf
+    within_res = float(np.abs(B @ m_vec).max()) if within else 0.0
+
+    # --- W_fin: minimise the reduced loss over an orthonormal basis of S_fin.
+    fin_dirs = [np.outer(En[a] - En[b], En[k]).ravel() for k, a, b in within]
+    basis = _orth_rows(np.stack(fin_dirs)) if fin_dirs else np.zeros((0, d * d))
+    Bt = torch.from_numpy(basis).to(torch.float64)
+    red = _reduced_batch(tpg, reduce=True)
+
+    def loss_of(c: np.ndarray) -> tuple[float, np.ndarray]:
+        ct = torch.from_numpy(c).requires_grad_(True)
+        W = (ct @ Bt).reshape(d, d) if len(c) else torch.zeros(d, d, dtype=torch.float64)
+        L = retrieval_loss(W, E, *red) if len(red[0]) else W.sum() * 0
+        if not len(c):
+            return float(L), np.zeros(0)
+        (g,) = torch.autograd.grad(L, ct)
+        return float(L.detach()), g.detach().numpy()
+
+    if basis.shape[0]:
+        res = minimize(loss_of, np.zeros(basis.shape[0]), jac=True, method="L-BFGS-B",
+                       options=dict(maxiter=20000, ftol=1e-16, gtol=1e-11))
+        c = res.x
+    else:
+        c = np.zeros(0)
+    red_loss, g = loss_of(c)
+    W_fin = (torch.from_numpy(c) @ Bt).reshape(d, d) if len(c) else torch.zeros(d, d, dtype=torch.float64)
+    return GraphSVM(
+        W_svm=W_svm, W_fin=W_fin.detach(), fin_basis=Bt.reshape(-1, d, d), feasible=feasible,
+        message=message, margin=margin, within_residual=within_res, n_cross=len(cross),
+        n_within=len(within), reduced_loss=red_loss,
+        fin_grad_norm=float(np.linalg.norm(g)) if len(g) else 0.0, embeddings=E,
+    )
+
+
+# =========================================================================== the model
+def head_W(model: Any, layer: int = 0, head: int = 0) -> torch.Tensor:
+    """W [d_model, d_model] of one head: W = (QK[layer, head])^T / attn_scale.
+
+    The head scores key position t for the query at T as
+    (x_T W_Q + b_Q)(x_t W_K + b_K)^T / scale; without biases and rotary that is
+    x_T^T QK x_t / scale = x_t^T W x_T with W = QK^T / scale, the paper's
+    s = softmax(X W x_T). Biases, rotary and layer norm are not part of W.
+    """
+    _tl.require_model(model)
+    layer, head = check_layer(model, layer), check_head(model, head)
+    with torch.no_grad():
+        QK = model.QK[layer, head].AB
+    return (QK.T / _tl.attn_scale(model, layer)).detach().to("cpu", torch.float64)
+
+
+def _leaf_parameters(t: torch.Tensor) -> list[torch.nn.Parameter]:
+    """The leaf tensors (parameters) a computed tensor was built from, via its autograd graph."""
+    out, seen, stack = [], set(), [t.grad_fn]
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        if hasattr(f, "variable"):
+            out.append(f.variable)
+        stack += [g for g, _ in f.next_functions]
+    return out
+
+
+def priority_model(
+    n_tokens: int,
+    d_model: int,
+    *,
+    embeddings: torch.Tensor | None = None,
+    seed: int = 0,
+    n_ctx: int = 64,
+    dtype: torch.dtype = torch.float64,
+    vocab: Sequence[str] | None = None,
+) -> Any:
+    """The one-layer attention model of Li et al. (2024) as a TransformerLens model.
+
+    One attention-only layer, one head with d_head = d_model, no layer norm, NoPE (zero,
+    frozen W_pos), causal. Token embeddings are fixed unit-norm vectors (random normal
+    rows normalised, seeded; or ``embeddings`` [n_tokens, d_model]). W_Q = I and
+    b_Q = b_K = 0 are frozen and W_K starts at 0 and is the only trainable parameter, so
+    W = QK^T / attn_scale = W_K / attn_scale and gradient steps on W_K are steps on W
+    (NGD takes the same direction). W_V = W_O = I and W_U = E^T give logits
+    e_v^T (x_T + sum_t s_t e_{x_t}), but the paper's prediction is the attention mass per
+    token at the last position, read from ``blocks.0.attn.hook_pattern``
+    (see :func:`priority_loss`).
+    """
+    from .models import tiny_model
+
+    if embeddings is None:
+        g = torch.Generator().manual_seed(int(seed))
+        E = torch.randn(n_tokens, d_model, generator=g, dtype=torch.float64)
+        E = E / E.norm(dim=1, keepdim=True)
+    else:
+        E = torch.as_tensor(embeddings, dtype=torch.float64)
+        if tuple(E.shape) != (n_tokens, d_model):
+            raise InputError(f"embeddings must be [{n_tokens}, {d_model}], got {tuple(E.shape)}.")
+    model = tiny_model(
+        n_layers=1, n_heads=1, d_model=d_model, d_head=d_model, attn_only=True,
+        normalization=None, positional="none", d_vocab=n_tokens, n_ctx=n_ctx, dtype=dtype,
+        seed=seed, vocab=list(vocab) if vocab is not None else None,
+    )
+    eye = torch.eye(d_model, dtype=torch.float64)
+    sd = dict(_tl.portable_state_dict(model))
+    new = {
+        "embed.W_E": E, "pos_embed.W_pos": torch.zeros_like(sd["pos_embed.W_pos"]),
+        "blocks.0.attn.W_Q": eye[None], "blocks.0.attn.W_K": torch.zeros(1, d_model, d_model),
+        "blocks.0.attn.W_V": eye[None], "blocks.0.attn.W_O": eye[None],
+        "blocks.0.attn.b_Q": torch.zeros(1, d_model), "blocks.0.attn.b_K": torch.zeros(1, d_model),
+        "blocks.0.attn.b_V": torch.zeros(1, d_model), "blocks.0.attn.b_O": torch.zeros(d_model),
+        "unembed.W_U": E.T.contiguous(), "unembed.b_U": torch.zeros(n_tokens),
+    }
+    _tl.load_portable_state_dict(model, {k: new[k].to(sd[k].dtype) for k in sd})
+    for p in model.parameters():
+        p.requires_grad_(True)
+    wk = _leaf_parameters(model.W_K)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in wk:
+        p.requires_grad_(True)
+    model.eval()
+    return model
+
+
+def _pattern_rows(model: Any, tokens: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+    """Attention of the last position over all positions, [batch, pos], for one head."""
+    name = f"blocks.{layer}.attn.hook_pattern"
+    return run_hooked(model, tokens, [name])[name][:, head, -1, :]
+
+
+def priority_loss(model: Any, batch: Any, *, layer: int = 0, head: int = 0) -> tuple[torch.Tensor, dict]:
+    """The paper's loss -log p(y), p(y) = attention mass on the label at the last position.
+
+    ``loss_fn`` for :func:`lensprobe.train`: the label is the target at the last position.
+    Written as -log1p(-q) with q = the attention mass off the label while q < 1/2: late in
+    training p(y) rounds to 1 in floating point and -log p(y) would lose the label's share
+    of the gradient, while q keeps full relative precision. Metrics: ``label_mass``.
+    """
+    tokens = batch.tokens
+    labels = batch.targets[:, -1]
+    att = _pattern_rows(model, tokens, layer, head)
+    on = (tokens == labels[:, None]).to(att.dtype)
+    mass = (att * on).sum(-1)
+    off = (att * (1 - on)).sum(-1)
+    small = off < 0.5
+    loss = torch.where(small, -torch.log1p(-off.clamp(max=0.5)), -torch.log(mass.clamp(max=0.5)))
+    return loss.mean(), {"label_mass": float(mass.detach().mean())}
+
+
+def train_priority(
+    model: Any,
+    sequences: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int = 2000,
+    lr: float = 0.1,
+    schedule: str = "cosine",
+    layer: int = 0,
+    head: int = 0,
+    checkpoint_steps: Sequence[int] = (),
+    eval_every: int | None = None,
+    progress: bool = True,
+    threads: int | None = 1,
+) -> Any:
+    """Full-batch normalised gradient descent on :func:`priority_loss`, through ``lp.train``.
+
+    W <- W - lr_t grad L / ||grad L||_F on the fixed dataset (sequences [n, T], labels [n]),
+    the paper's optimiser; ``schedule='cosine'`` decays lr_t to 0 (lets the within-SCC
+    part settle at W_fin), ``'constant'`` keeps it. Trains the model in place (only
+    parameters with requires_grad). Returns lp.train's TrainResult (``history`` carries
+    ``label_mass``; ``model_at(step)`` gives checkpoint copies). ``threads``: torch
+    intra-op threads during training (restored after; 1 is fastest for these tiny models,
+    and many times faster than the default on a busy machine; None leaves it alone).
+    """
+    from .tasks.priority import FixedData
+    from .training import train
+
+    data = FixedData(torch.as_tensor(sequences), torch.as_tensor(labels))
+
+    def loss_fn(m: Any, batch: Any) -> tuple[torch.Tensor, dict]:
+        return priority_loss(m, batch, layer=layer, head=head)
+
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        return train(
+            model, data, steps=steps, lr=lr, batch_size=len(data.tokens), warmup=0,
+            weight_decay=0.0, schedule=schedule, grad_clip=None, optimizer="ngd", loss_fn=loss_fn,
+            eval_every=eval_every, eval_batch_size=len(data.tokens),
+            checkpoint_steps=checkpoint_steps, progress=progress,
+        )
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+# =========================================================================== alignment
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0.0 or nb == 0.0:
+        return math.nan
+    return float((a * b).sum()) / (na * nb)
+
+
+def _token_masses(model: Any, seqs: list[tuple[int, ...]], layer: int, head: int) -> list[dict[int, float]]:
+    """Attention of the last position summed per token, for each sequence."""
+    by_len: dict[int, list[int]] = {}
+    for i, s in enumerate(seqs):
+        by_len.setdefault(len(s), []).append(i)
+    out: list[dict[int, float]] = [{} for _ in seqs]
+    for idx in by_len.values():
+        toks = to_tokens(model, torch.tensor([seqs[i] for i in idx]))
+        with torch.no_grad():
+            att = _pattern_rows(model, toks, layer, head).to("cpu", torch.float64)
+        for row, i in enumerate(idx):
+            masses: dict[int, float] = {}
+            for t, a in zip(seqs[i], att[row].tolist()):
+                masses[t] = masses.get(t, 0.0) + a
+            out[i] = masses
+    return out
+
+
+_MODEL_ONLY = ("implied", "reversed", "unsupported")
+
+
+@dataclass(frozen=True)
+class PriorityAlignment:
+    """How one attention head matches a token-priority graph (Li et al. 2024).
+
+    W:               [d, d] the head's W = QK^T / attn_scale.
+    cos_svm:         cos(W, W_svm) (NaN when W_svm is 0 or infeasible).
+    fin_distance:    ||P_fin W - W_fin||_F (P_fin: projection onto the within-SCC span).
+    cos_orth_svm:    cos(W - P_fin W, W_svm).
+    retrievals:      the graph's hard-retrieval prediction per sequence.
+    retrieved_mass:  [n] attention of the last position on the retrieved tokens
+                     (NaN when the last token has no graph).
+    label_mass:      [n] attention on the label (NaN without labels).
+    split_error:     [n] L1 distance sum_v |a_v - w_v| between the head's split of its
+                     retrieved-SCC attention (a_v = mass(v) / mass(SCC)) and softmax of the
+                     W_fin scores e_{x_t}^T W_fin e_k over the SCC's positions summed per
+                     token (w_v); NaN unless the retrieval is one SCC with >= 2 tokens.
+    model_retrieved: per sequence, the tokens holding more than ``threshold`` attention.
+    edges:           (k, src, dst, status) of the head's local graph against the data's:
+                     data edges 'agree' (the head has it too), 'missed' or 'untested' (no
+                     analysed context ending in k holds both tokens); head-only edges
+                     'implied' (the data graph has a path src ~> dst), 'reversed' (only
+                     dst ~> src) or 'unsupported'. The head's graph, like the data's, has
+                     r -> x_t for each retrieved token r and every other token x_t of the
+                     context.
+    """
+
+    layer: int
+    head: int
+    threshold: float
+    W: torch.Tensor
+    cos_svm: float
+    fin_distance: float
+    cos_orth_svm: float
+    feasible: bool
+    sequences: tuple
+    labels: tuple | None
+    retrievals: tuple
+    retrieved_mass: torch.Tensor
+    label_mass: torch.Tensor
+    split_error: torch.Tensor
+    model_retrieved: tuple
+    edges: tuple
+    tpg: TokenPriorityGraph = field(repr=False, compare=False)
+    svm: GraphSVM = field(repr=False, compare=False)
+
+    @property
+    def loss(self) -> float:
+        """Mean -log(attention on the label) (the paper's loss, read from the head)."""
+        return float(-torch.log(self.label_mass).mean())
+
+    def _count(self, *statuses: str) -> int:
+        return sum(1 for e in self.edges if e[3] in statuses)
+
+    @property
+    def edge_recall(self) -> float:
+        """agree / (agree + missed): tested data edges the head reproduces."""
+        n = self._count("agree", "missed")
+        return self._count("agree") / n if n else math.nan
+
+    @property
+    def edge_precision(self) -> float:
+        """(agree + implied) / all head edges: head edges consistent with the data's order."""
+        n = self._count("agree", *_MODEL_ONLY)
+        return self._count("agree", "implied") / n if n else math.nan
+
+    def summary(self) -> dict[str, float]:
+        return dict(
+            cos_svm=self.cos_svm, fin_distance=self.fin_distance, cos_orth_svm=self.cos_orth_svm,
+            W_norm=float(self.W.norm()), retrieved_mass=float(np.nanmean(self.retrieved_mass.numpy()))
+            if bool(torch.isfinite(self.retrieved_mass).any()) else math.nan,
+            label_mass=float(self.label_mass.mean()), loss=self.loss,
+            split_error=float(np.nanmean(self.split_error.numpy()))
+            if bool(torch.isfinite(self.split_error).any()) else math.nan,
+            edge_recall=self.edge_recall, edge_precision=self.edge_precision,
+        )
+
+    def to_dataframe(self) -> Any:
+        """One row per sequence: tokens, label, retrieval, attention masses, split error."""
+        import pandas as pd
+
+        v = self.tpg.vocab
+        rows = []
+        for i, (seq, r) in enumerate(zip(self.sequences, self.retrievals)):
+            rows.append(dict(
+                sequence=" ".join(v[t] for t in seq), last=v[seq[-1]],
+                label=v[self.labels[i]] if self.labels is not None else None,
+                retrieved=" ".join(v[t] for t in r.tokens), status=r.status,
+                model_retrieved=" ".join(v[t] for t in self.model_retrieved[i]),
+                retrieved_mass=float(self.retrieved_mass[i]), label_mass=float(self.label_mass[i]),
+                split_error=float(self.split_error[i]),
+            ))
+        return pd.DataFrame(rows)
+
+    def edges_dataframe(self) -> Any:
+        import pandas as pd
+
+        v = self.tpg.vocab
+        return pd.DataFrame([
+            dict(k=k, src=a, dst=b, k_str=v[k], src_str=v[a], dst_str=v[b], status=s)
+            for k, a, b, s in self.edges
+        ])
+
+    def plot(self) -> Any:
+        """Attention on the retrieved SCC per sequence, and the edge comparison counts."""
+        import matplotlib.pyplot as plt
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+        n = len(self.sequences)
+        ax1.bar(range(n), self.retrieved_mass.numpy(), color="#2a9d4b", label="retrieved SCC")
+        ax1.plot(range(n), self.label_mass.numpy(), "k.", label="label")
+        ax1.set_ylim(0, 1.05)
+        ax1.set_xlabel("sequence")
+        ax1.set_ylabel("attention at the last position")
+        ax1.set_title(f"L{self.layer}H{self.head}: cos(W, W_svm) = {self.cos_svm:.3f}")
+        ax1.legend(fontsize=8)
+        statuses = ["agree", "missed", "untested", *_MODEL_ONLY]
+        ax2.bar(statuses, [self._count(s) for s in statuses],
+                color=[_EDGE_COLORS[s] for s in statuses])
+        ax2.set_ylabel("edges")
+        ax2.set_title("local graph vs data graph")
+        ax2.tick_params(axis="x", rotation=30)
+        fig.tight_layout()
+        return fig
+
+    def show(self, **kw: Any) -> View:
+        return retrieval_graph_view(self.tpg, alignment=self, svm=self.svm, **kw)
+
+
+def priority_alignment(
+    model: Any,
+    tpg: TokenPriorityGraph,
+    sequences: Any = None,
+    labels: Any = None,
+    *,
+    layer: int = 0,
+    head: int = 0,
+    svm: GraphSVM | None = None,
+    embeddings: Any = None,
+    threshold: float = 0.1,
+) -> PriorityAlignment:
+    """Compare one attention head with the token-priority graph (Li et al. 2024).
+
+    Works on any TransformerLens model's head and any token data: the attention-based
+    readouts (mass on the retrieved SCC, within-SCC split, the local graph) use the
+    head's actual pattern at the last position (``blocks.{layer}.attn.hook_pattern``);
+    the W-based ones use W = QK[layer, head]^T / attn_scale against the Graph-SVM built on
+    ``embeddings`` (default: the model's W_E rows). W is exactly the paper's W for a
+    one-layer attention-only model without layer norm, positional signal or biases; in
+    deeper or normalised models the head sees the residual stream, not raw embeddings,
+    so read the W-based numbers as an approximation there.
+
+    ``sequences``/``labels`` default to the graph's own data; other sequences are
+    allowed (labels optional). ``svm``: a precomputed :func:`graph_svm` (else computed
+    here with ``require_feasible=False``). ``threshold``: attention mass above which a
+    token counts as retrieved by the head.
+    """
+    if not 0.0 < float(threshold) < 1.0:
+        raise InputError(f"threshold must lie in (0, 1), got {threshold}.")
+    if sequences is None:
+        if labels is not None:
+            raise InputError("labels were given without sequences; pass both or neither.")
+        seqs, labs = list(tpg.sequences), list(tpg.labels)
+    elif labels is None:
+        seqs, _ = _as_sequences(sequences, [0] * len(sequences))
+        labs = None
+    else:
+        seqs, labs = _as_sequences(sequences, labels)
+    with guard(model):
+        layer, head = check_layer(model, layer), check_head(model, head)
+        W = head_W(model, layer, head)
+        if svm is None:
+            svm = graph_svm(tpg, embeddings if embeddings is not None else model,
+                            require_feasible=False)
+        if tuple(svm.W_svm.shape) != tuple(W.shape):
+            raise InputError(
+                f"the Graph-SVM lives in dimension {svm.W_svm.shape[0]} but the head's W is"
+                f" {tuple(W.shape)}; build it from embeddings of width d_model={W.shape[0]}."
+            )
+        masses = _token_masses(model, seqs, layer, head)
+
+    W_svm = svm.W_svm if svm.feasible else torch.zeros_like(svm.W_svm)
+    Pf = svm.project_fin(W)
+    retrievals = tuple(tpg.retrieve(s) for s in seqs)
+    n = len(seqs)
+    retrieved = torch.full((n,), math.nan, dtype=torch.float64)
+    label_mass = torch.full((n,), math.nan, dtype=torch.float64)
+    split = torch.full((n,), math.nan, dtype=torch.float64)
+    model_ret = []
+    model_edges: set[tuple[int, int, int]] = set()
+    tested: set[tuple[int, int, int]] = set()
+    for i, (seq, r, mass) in enumerate(zip(seqs, retrievals, masses)):
+        k = seq[-1]
+        if r.known:
+            retrieved[i] = sum(mass[t] for t in r.tokens)
+        if labs is not None:
+            label_mass[i] = mass.get(labs[i], 0.0)
+        if r.known and len(r.sccs) == 1 and len(r.tokens) > 1:
+            pos = [t for t in seq if t in r.tokens]
+            w = torch.softmax(svm.fin_scores(k, pos), 0)
+            pred = {t: 0.0 for t in r.tokens}
+            for t, wt in zip(pos, w.tolist()):
+                pred[t] += wt
+            tot = sum(mass[t] for t in r.tokens)
+            split[i] = sum(abs(mass[t] / tot - pred[t]) for t in r.tokens) if tot > 0 else math.nan
+        ret = tuple(sorted(t for t, m in mass.items() if m > threshold))
+        model_ret.append(ret)
+        present = set(seq)
+        model_edges |= {(k, a, b) for a in ret for b in present if b != a}
+        tested |= {(k, a, b) for a in present for b in present if a != b}
+    edges = []
+    for k, a, b in tpg.edges():
+        if (k, a, b) not in tested:
+            status = "untested"
+        else:
+            status = "agree" if (k, a, b) in model_edges else "missed"
+        edges.append((k, a, b, status))
+    data_edges = set(tpg.edges())
+    for k, a, b in sorted(model_edges - data_edges):
+        known = k in tpg.graphs
+        if known and tpg.outranks(k, a, b):
+            status = "implied"
+        elif known and tpg.outranks(k, b, a):
+            status = "reversed"
+        else:
+            status = "unsupported"
+        edges.append((k, a, b, status))
+    return PriorityAlignment(
+        layer=layer, head=head, threshold=float(threshold), W=W,
+        cos_svm=_cos(W, W_svm), fin_distance=float((Pf - svm.W_fin).norm()),
+        cos_orth_svm=_cos(W - Pf, W_svm), feasible=svm.feasible,
+        sequences=tuple(seqs), labels=tuple(labs) if labs is not None else None,
+        retrievals=retrievals, retrieved_mass=retrieved, label_mass=label_mass,
+        split_error=split, model_retrieved=tuple(model_ret), edges=tuple(edges), tpg=tpg, svm=svm,
+    )
+
+
+_CURVE_KEYS = ("cos_svm", "fin_distance", "cos_orth_svm", "W_norm", "retrieved_mass",
+               "label_mass", "loss", "split_error", "edge_recall", "edge_precision")
+
+
+@dataclass(frozen=True)
+class AlignmentCurve:
+    """:func:`priority_alignment` summaries across training checkpoints.
+
+    steps: [n] checkpoint steps; values: {name: [n] float64 tensor} for cos_svm,
+    fin_distance, cos_orth_svm, W_norm, retrieved_mass, label_mass, loss, split_error,
+    edge_recall, edge_precision (means over sequences where per-sequence).
+    """
+
+    steps: torch.Tensor
+    values: dict
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.values[name]
+
+    def to_dataframe(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame({"step": self.steps.numpy(), **{k: v.numpy() for k, v in self.values.items()}})
+
+    def plot(self) -> Any:
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+        s = self.steps.numpy()
+        for name in ("cos_svm", "cos_orth_svm", "edge_recall"):
+            axes[0].plot(s, self.values[name].numpy(), label=name)
+        axes[0].set_ylim(-0.05, 1.05)
+        axes[0].legend(fontsize=8)
+        axes[0].set_title("alignment with the Graph-SVM")
+        for name in ("retrieved_mass", "label_mass"):
+            axes[1].plot(s, self.values[name].numpy(), label=name)
+        axes[1].legend(fontsize=8)
+        axes[1].set_title("attention at the last position")
+        axes[2].plot(s, self.values["fin_distance"].numpy(), label="||P_fin W - W_fin||")
+        axes[2].plot(s, self.values["W_norm"].numpy(), label="||W||")
+        axes[2].set_yscale("symlog", linthresh=1e-3)
+        axes[2].legend(fontsize=8)
+        axes[2].set_title("finite part and growth")
+        for ax in axes:
+            ax.set_xlabel("step")
+        fig.tight_layout()
+        return fig
+
+
+def alignment_curve(
+    checkpoints: Any,
+    tpg: TokenPriorityGraph,
+    sequences: Any = None,
+    labels: Any = None,
+    *,
+    steps: Sequence[int] | None = None,
+    svm: GraphSVM | None = None,
+    progress: bool = True,
+    **kw: Any,
+) -> AlignmentCurve:
+    """:func:`priority_alignment` at every checkpoint (a ``lp.train`` result or models).
+
+    ``checkpoints``: the TrainResult of :func:`train_priority`/``lp.train`` (its in-memory
+    or on-disk checkpoints, in step order) or a list of models (``steps`` defaults to
+    0..n-1). The Graph-SVM is computed once, from the first checkpoint's embeddings.
+    """
+    if hasattr(checkpoints, "checkpoints") and hasattr(checkpoints, "model_at"):
+        step_list = sorted(checkpoints.checkpoints)
+        models = (checkpoints.model_at(s) for s in step_list)
+    else:
+        models_l = list(checkpoints)
+        step_list = list(steps) if steps is not None else list(range(len(models_l)))
+        if len(step_list) != len(models_l):
+            raise InputError(f"got {len(models_l)} checkpoints but {len(step_list)} steps.")
+        models = iter(models_l)
+    rows = []
+    it: Any = models
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(models, total=len(step_list), desc="alignment", leave=False)
+    for m in it:
+        if svm is None:
+            emb = kw.get("embeddings")
+            svm = graph_svm(tpg, m if emb is None else emb, require_feasible=False)
+        rows.append(priority_alignment(m, tpg, sequences, labels, svm=svm, **kw).summary())
+    values = {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in _CURVE_KEYS}
+    return AlignmentCurve(steps=torch.tensor(step_list, dtype=torch.long), values=values)
+
+
+# =========================================================================== the view
+_EDGE_COLORS = {
+    "data": "#555555", "agree": "#2a9d4b", "missed": "#d62728", "untested": "#aaaaaa",
+    "implied": "#1f77b4", "reversed": "#ff7f0e", "unsupported": "#9467bd",
+}
+_DX, _DY, _R, _PAD = 64, 96, 15, 16
+
+
+def _layout(tpg: TokenPriorityGraph, k: int, extra: Sequence[int]) -> tuple[dict, list]:
+    """Node centres and SCC boxes for G^(k): one row per priority level, top first.
+
+    ``extra`` tokens (head edges to tokens outside G^(k)) go into a last 'unranked' row.
+    Returns ({token: (x, y)}, [((x0, y0, w, h), tokens)]).
+    """
+    sccs, levels = tpg.sccs(k), tpg.levels(k)
+    rows: dict[int, list[tuple[int, ...]]] = {}
+    for c, lv in zip(sccs, levels):
+        rows.setdefault(lv, []).append(c)
+    if extra:
+        rows[max(rows) + 1 if rows else 0] = [tuple(sorted(extra))]
+    pos, boxes = {}, []
+    for r, lv in enumerate(sorted(rows)):
+        x = _PAD
+        y = _PAD + r * _DY
+        for c in rows[lv]:
+            w = len(c) * _DX
+            boxes.append(((x, y, w, _DY - 2 * _PAD), c))
+            for j, t in enumerate(c):
+                pos[t] = (x + _DX / 2 + j * _DX, y + (_DY - 2 * _PAD) / 2)
+            x += w + _PAD
+    return pos, boxes
+
+
+def _edge_path(p: tuple, q: tuple, bend: float) -> str:
+    (x1, y1), (x2, y2) = p, q
+    dx, dy = x2 - x1, y2 - y1
+    L = math.hypot(dx, dy) or 1.0
+    ux, uy = dx / L, dy / L
+    # A quadratic curve bent to the left of the direction p -> q: a -> b and b -> a, and
+    # the data and head edges of one pair (bent by opposite signs), never overlap.
+    cx, cy = (x1 + x2) / 2 - uy * bend, (y1 + y2) / 2 + ux * bend
+    sx, sy = x1 + ux * _R, y1 + uy * _R
+    ex, ey = x2 - ux * (_R + 3), y2 - uy * (_R + 3)
+    return f"M{sx:.1f},{sy:.1f} Q{cx:.1f},{cy:.1f} {ex:.1f},{ey:.1f}"
+
+
+_VIEW_CSS = """
+.lp-panel { display: inline-block; vertical-align: top; margin: 0 18px 18px 0; }
+.lp-panel h3 { font-size: 1em; margin: 0.2em 0; }
+.lp-scc { fill: #f6f6f2; stroke: #b9b9b0; stroke-width: 1; rx: 6; }
+.lp-scc.lp-tied { fill: #fff6e0; stroke: #d9a400; }
+.lp-node circle { fill: #fff; stroke: #1f4e79; stroke-width: 1.5; }
+.lp-node text { font: 11px monospace; text-anchor: middle; dominant-baseline: central; }
+.lp-weight { font: 9px sans-serif; fill: #8a5a00; text-anchor: middle; }
+.lp-edge { fill: none; stroke-width: 1.4; }
+.lp-edge.lp-model { stroke-dasharray: 5 3; }
+.lp-legend span { display: inline-block; margin-right: 1em; }
+.lp-hide-model .lp-model { display: none; }
+"""
+
+_VIEW_JS = """
+(function () {
+  var box = document.getElementById("lp-toggle-model");
+  if (!box) { return; }
+  box.addEventListener("change", function () {
+    document.body.classList.toggle("lp-hide-model", !box.checked);
+  });
+})();
+"""
+
+
+def retrieval_graph_view(
+    tpg: TokenPriorityGraph,
+    alignment: PriorityAlignment | None = None,
+    svm: GraphSVM | None = None,
+    *,
+    last_tokens: Sequence[int] | None = None,
+    max_panels: int = 24,
+    title: str = "token-priority graph",
+) -> View:
+    """A self-contained HTML/SVG view of the token-priority graph (Li et al. 2024).
+
+    One panel per last token k: the SCCs of G^(k) as boxes, one row per priority level
+    (top = highest priority; tied tokens share an amber box), data edges y -> x_t as
+    solid arrows; with an ``alignment``, the head's own edges as dashed arrows, coloured
+    by agreement (green agree, red missed, grey untested; head-only blue implied, orange
+    reversed, purple unsupported). With ``svm``, each token of a multi-token SCC is
+    annotated with its soft-composition weight softmax_v(e_v^T W_fin e_k) within the SCC.
+    Inline SVG, CSS and a few lines of JS (a toggle for the head's edges); no network;
+    every token string escaped.
+    """
+    import uuid
+
+    ks = list(last_tokens) if last_tokens is not None else tpg.last_tokens[:max_panels]
+    for k in ks:
+        tpg.graph(k)
+    status = {}
+    model_edges: dict[int, list[tuple[int, int, str]]] = {}
+    if alignment is not None:
+        for k, a, b, st in alignment.edges:
+            if st in _MODEL_ONLY or st == "agree":
+                model_edges.setdefault(k, []).append((a, b, "agree" if st == "agree" else st))
+            if st in ("agree", "missed", "untested"):
+                status[(k, a, b)] = st
+    if svm is None and alignment is not None:
+        svm = alignment.svm
+    v = tpg.vocab
+    uid = uuid.uuid4().hex[:8]
+    markers = "".join(
+        f'<marker id="lp-arrow-{name}-{uid}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7"'
+        f' markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z"'
+        f' fill="{color}"/></marker>'
+        for name, color in _EDGE_COLORS.items()
+    )
+    panels = []
+    for k in ks:
+        g = tpg.graph(k)
+        medges = model_edges.get(k, [])
+        extra = sorted({t for a, b, _ in medges for t in (a, b)} - set(g.nodes))
+        pos, boxes = _layout(tpg, k, extra)
+        width = max(x0 + w for (x0, _, w, _), _ in boxes) + _PAD
+        height = max(y0 + h for (_, y0, _, h), _ in boxes) + _PAD
+        parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="lp-graph" width="{width:.0f}"'
+                 f' height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}">']
+        if k == ks[0]:
+            parts.append(f"<defs>{markers}</defs>")
+        for (x0, y0, w, h), c in boxes:
+            cls = "lp-scc lp-tied" if len(c) > 1 and c[0] in g else "lp-scc"
+            parts.append(f'<rect class="{cls}" x="{x0}" y="{y0}" width="{w}" height="{h}"'
+                         f' rx="6"/>')
+        for a, b in g.edges:
+            st = status.get((k, a, b), "data")
+            parts.append(
+                f'<path class="lp-edge lp-data lp-{st}" data-kind="data" data-status="{st}"'
+                f' data-src="{a}" data-dst="{b}" d="{_edge_path(pos[a], pos[b], 14)}"'
+                f' stroke="{_EDGE_COLORS[st]}" marker-end="url(#lp-arrow-{st}-{uid})">'
+                f"<title>{escape(v[a])} \u2192 {escape(v[b])} ({st})</title></path>"
+            )
+        for a, b, st in medges:
+            parts.append(
+                f'<path class="lp-edge lp-model lp-{st}" data-kind="model" data-status="{st}"'
+                f' data-src="{a}" data-dst="{b}" d="{_edge_path(pos[a], pos[b], -14)}"'
+                f' stroke="{_EDGE_COLORS[st]}" marker-end="url(#lp-arrow-{st}-{uid})">'
+                f"<title>head: {escape(v[a])} \u2192 {escape(v[b])} ({st})</title></path>"
+            )
+        weights: dict[int, float] = {}
+        if svm is not None:
+            for c in tpg.sccs(k):
+                if len(c) > 1:
+                    w = torch.softmax(svm.fin_scores(k, c), 0)
+                    weights.update(zip(c, w.tolist()))
+        for t, (x, y) in pos.items():
+            label = escape(v[t])
+            short = escape(v[t] if len(v[t]) <= 6 else v[t][:5] + "\u2026")
+            parts.append(
+                f'<g class="lp-node" data-k="{k}" data-token="{t}"><title>{label}</title>'
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{_R}"/>'
+                f'<text x="{x:.1f}" y="{y:.1f}">{short}</text></g>'
+            )
+            if t in weights:
+                parts.append(f'<text class="lp-weight" x="{x:.1f}" y="{y + _R + 10:.1f}">'
+                             f"w={weights[t]:.2f}</text>")
+        parts.append("</svg>")
+        n_scc = len(tpg.sccs(k))
+        panels.append(
+            f'<section class="lp-panel" data-k="{k}"><h3>last token {escape(v[k])}</h3>'
+            f'<div class="note">{g.number_of_nodes()} tokens, {n_scc} SCCs,'
+            f" {g.number_of_edges()} edges</div>{''.join(parts)}</section>"
+        )
+    legend = "".join(
+        f'<span><svg width="26" height="10"><line x1="0" y1="5" x2="26" y2="5"'
+        f' stroke="{c}" stroke-width="2"/></svg> {escape(n)}</span>'
+        for n, c in _EDGE_COLORS.items()
+    )
+    head = ""
+    if alignment is not None:
+        sm = alignment.summary()
+        head = (
+            f'<p>head L{alignment.layer}H{alignment.head}: cos(W, W_svm) = {sm["cos_svm"]:.4f},'
+            f' ||P_fin W - W_fin|| = {sm["fin_distance"]:.4g}, attention on the retrieved SCC'
+            f' = {sm["retrieved_mass"]:.4f}, edge recall = {sm["edge_recall"]:.3f},'
+            f' precision = {sm["edge_precision"]:.3f}. Solid: data edges; dashed: the head\'s'
+            ' edges (attention above the threshold). <label><input type="checkbox"'
+            ' id="lp-toggle-model" checked> show head edges</label></p>'
+        )
+    skipped = len(tpg.last_tokens) - len(ks)
+    body = (
+        f"<style>{_VIEW_CSS}</style><div class=\"lp-tpg\"><h2>{escape(title)}</h2>{head}"
+        f'<p class="lp-legend">{legend}</p>'
+        + "".join(panels)
+        + (f'<p class="note">{skipped} more last tokens not drawn (max_panels).</p>' if skipped else "")
+        + f"</div><script>{_VIEW_JS}</script>"
+    )
+    return View(body, title=title)
