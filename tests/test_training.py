@@ -62,7 +62,7 @@ def test_train_learns_and_respects_frozen_parameters():
     flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
     model.train()
     res = lp.train(model, CopyTask(), steps=60, lr=1e-2, batch_size=64, eval_every=20,
-                   progress=False)
+                   eval_batch_size=64, progress=False)
     after = weights(model)
     frozen = [k for k in before if torch.equal(before[k], after[k])]
     assert any("pos" in k for k in frozen)
@@ -82,21 +82,21 @@ def test_train_learns_and_respects_frozen_parameters():
 def test_resume_matches_uninterrupted_run(tmp_path):
     task = CopyTask()
     straight = small(seed=1)
-    lp.train(straight, task, steps=12, lr=5e-3, batch_size=32, warmup=4, progress=False)
+    lp.train(straight, task, steps=12, lr=5e-3, batch_size=32, warmup=4, eval_every=6, eval_batch_size=16, progress=False)
 
     a = small(seed=1)
-    first = lp.train(a, task, steps=6, lr=5e-3, batch_size=32, warmup=4, progress=False)
+    first = lp.train(a, task, steps=6, lr=5e-3, batch_size=32, warmup=4, eval_every=6, eval_batch_size=16, progress=False)
     b = small(seed=2)  # other weights: resuming must overwrite them
-    lp.train(b, task, steps=12, lr=5e-3, batch_size=32, warmup=4, progress=False, resume_from=first)
+    lp.train(b, task, steps=12, lr=5e-3, batch_size=32, warmup=4, eval_every=6, eval_batch_size=16, progress=False, resume_from=first)
     for k, v in straight.state_dict().items():
         assert torch.allclose(v, b.state_dict()[k], atol=1e-6), k
 
     c = small(seed=1)
-    lp.train(c, task, steps=6, lr=5e-3, batch_size=32, warmup=4, progress=False,
+    lp.train(c, task, steps=6, lr=5e-3, batch_size=32, warmup=4, eval_every=6, eval_batch_size=16, progress=False,
              checkpoint_dir=tmp_path, checkpoint_steps=(3,))
     assert (tmp_path / "step_3.safetensors").is_file() and (tmp_path / "step_6.optim.pt").is_file()
     d = small(seed=3)
-    res = lp.train(d, task, steps=12, lr=5e-3, batch_size=32, warmup=4, progress=False,
+    res = lp.train(d, task, steps=12, lr=5e-3, batch_size=32, warmup=4, eval_every=6, eval_batch_size=16, progress=False,
                    resume_from=tmp_path / "step_6.safetensors")
     assert res.steps_done == 12
     x = task.sample(4, torch.Generator().manual_seed(9)).tokens
@@ -108,7 +108,7 @@ def test_checkpoints_in_memory_and_on_disk(tmp_path):
     model = small(seed=4)
     init = weights(model)
     res = lp.train(model, task, steps=8, lr=5e-3, batch_size=16, eval_every=4,
-                   checkpoint_steps=(0, 4), progress=False)
+                   eval_batch_size=16, checkpoint_steps=(0, 4), progress=False)
     assert sorted(res.checkpoints) == [0, 4, 8]
     for k, v in res.checkpoints[0].state_dict.items():
         assert torch.equal(v, init[k])
@@ -121,7 +121,7 @@ def test_checkpoints_in_memory_and_on_disk(tmp_path):
 
     model2 = small(seed=4)
     res2 = lp.train(model2, task, steps=8, lr=5e-3, batch_size=16, checkpoint_steps=(4,),
-                    checkpoint_dir=tmp_path, progress=False)
+                    eval_every=4, eval_batch_size=16, checkpoint_dir=tmp_path, progress=False)
     loaded = lp.load_checkpoint(res2.checkpoints[8].path)
     assert torch.allclose(loaded(x), model2(x), atol=1e-6)
     # the same seed gives the same run in memory and on disk
@@ -137,9 +137,10 @@ def test_callback_can_stop_and_custom_loss_metrics():
 
     def loss_fn(model, batch):
         loss, _ = default_loss(model, batch)
-        return loss, {"double_loss": 2 * float(loss)}
+        return loss, {"double_loss": 2 * float(loss.detach())}
 
     res = lp.train(small(), CopyTask(), steps=50, eval_every=2, batch_size=8, callbacks=[cb],
+                   eval_batch_size=16,
                    loss_fn=loss_fn, progress=False)
     assert seen == [2, 4] and res.steps_done == 4
     rec = res.history[-1]
@@ -158,7 +159,7 @@ def test_ngd_step_is_normalised_gradient():
     assert torch.allclose(p1.detach(), torch.tensor([1.0, 2.0], dtype=torch.float64) - 0.5 * g1 / norm)
     assert torch.allclose(p2.detach(), torch.tensor([[3.0]], dtype=torch.float64) - 0.5 * g2 / norm)
     res = lp.train(small(), CopyTask(), steps=3, optimizer="ngd", lr=0.05, batch_size=8,
-                   progress=False)
+                   eval_batch_size=8, progress=False)
     assert res.config["optimizer"] == "ngd"
 
 
