@@ -361,43 +361,45 @@ def _embeddings(embeddings: Any) -> torch.Tensor:
     return E
 
 
-def _reduced_batch(tpg: TokenPriorityGraph, reduce: bool) -> tuple[torch.Tensor, ...]:
-    """Padded (tokens [n, T], mask [n, T], labels [n], last [n]) of the samples.
+def _reduced_batch(tpg: TokenPriorityGraph) -> tuple[np.ndarray, ...]:
+    """The samples reduced to their label's SCC, padded: tokens, mask [n, T], labels, last [n].
 
-    ``reduce`` keeps only the positions whose token lies in the label's SCC of G^(k)
-    (the paper's reduced sequences). Samples whose label is not in the context are dropped.
+    Position t of sample (X, y) with last token k is kept when x_t lies in y's SCC of
+    G^(k) (the paper's reduced sequences). Samples whose label is not in the context
+    are dropped.
     """
     rows, masks, labs, lasts = [], [], [], []
     for seq, y in zip(tpg.sequences, tpg.labels):
-        k = seq[-1]
         if y not in seq:
             continue
-        if reduce:
-            sid = tpg._structure(k)[2]
-            keep = [sid[t] == sid[y] for t in seq]
-        else:
-            keep = [True] * len(seq)
+        sid = tpg._structure(seq[-1])[2]
         rows.append(list(seq))
-        masks.append(keep)
+        masks.append([sid[t] == sid[y] for t in seq])
         labs.append(y)
-        lasts.append(k)
-    if not rows:
-        z = torch.zeros(0, 1, dtype=torch.long)
-        return z, z.bool(), z[:, 0], z[:, 0]
-    T = max(len(r) for r in rows)
-    tok = torch.tensor([r + [0] * (T - len(r)) for r in rows])
-    mask = torch.tensor([m + [False] * (T - len(m)) for m in masks])
-    return tok, mask, torch.tensor(labs), torch.tensor(lasts)
+        lasts.append(seq[-1])
+    T = max((len(r) for r in rows), default=1)
+    tok = np.array([r + [0] * (T - len(r)) for r in rows], dtype=np.int64).reshape(-1, T)
+    mask = np.array([m + [False] * (T - len(m)) for m in masks], dtype=bool).reshape(-1, T)
+    return tok, mask, np.array(labs, dtype=np.int64), np.array(lasts, dtype=np.int64)
 
 
-def retrieval_loss(W: torch.Tensor, E: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
-                   labels: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Mean of -log sum_{t: x_t = y} softmax_t(e_{x_t}^T W e_k) over the masked positions."""
-    scores = torch.einsum("ntd,de,ne->nt", E[tokens], W, E[last])
-    neg = torch.finfo(scores.dtype).min
-    all_ = torch.logsumexp(scores.masked_fill(~mask, neg), dim=1)
-    lab = torch.logsumexp(scores.masked_fill(~mask | (tokens != labels[:, None]), neg), dim=1)
-    return (all_ - lab).mean()
+def _retrieval_loss(W: np.ndarray, E: np.ndarray, tok: np.ndarray, mask: np.ndarray,
+                    labels: np.ndarray, last: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean over samples of -log sum_{t: x_t = y} softmax_t(e_{x_t}^T W e_k) over the
+    masked positions, and its gradient in W: mean of sum_t (p_t - q_t) e_{x_t} e_k^T with
+    p = softmax over the positions, q = softmax over the label's positions."""
+    if len(tok) == 0:
+        return 0.0, np.zeros_like(W)
+    s = np.einsum("ntd,de,ne->nt", E[tok], W, E[last])
+    on = mask & (tok == labels[:, None])
+    s = np.where(mask, s, -np.inf)
+    m = s.max(axis=1, keepdims=True)
+    ex = np.exp(s - m)
+    z_all, z_on = ex.sum(1), np.where(on, ex, 0.0).sum(1)
+    loss = float(np.mean(np.log(z_all) - np.log(z_on)))
+    coef = ex / z_all[:, None] - np.where(on, ex, 0.0) / z_on[:, None]  # p - q, [n, T]
+    grad = np.einsum("nt,ntd,ne->de", coef, E[tok], E[last]) / len(tok)
+    return loss, grad
 
 
 @dataclass(frozen=True)
@@ -565,10 +567,10 @@ def graph_svm(
                 f"Graph-SVM is infeasible: no W satisfies (e_y - e_j)^T W e_k >= 1 on all"
                 f" {len(cross)} cross-SCC edges and = 0 on all {len(within)} within-SCC edges."
                 f" The {len(nodes)} tokens' embeddings span {rank} dimensions"
-                f"{' (linearly dependent)' if rank < len(nodes) else ''}; a token pair whose"
-                " difference is forced to score 0 cannot also be separated. Use linearly"
-                " independent embeddings (d_model >= number of tokens), or build the graph"
-                " from fewer tokens."
+                + (" (linearly dependent), so some margin constraints contradict the others"
+                   if rank < len(nodes) else "")
+                + ". Use linearly independent embeddings (d_model >= number of tokens), or"
+                " build the graph from fewer tokens."
             )
             m_vec = np.zeros_like(m_vec)
             if require_feasible:
@@ -580,28 +582,20 @@ def graph_svm(
     # --- W_fin: minimise the reduced loss over an orthonormal basis of S_fin.
     fin_dirs = [np.outer(En[a] - En[b], En[k]).ravel() for k, a, b in within]
     basis = _orth_rows(np.stack(fin_dirs)) if fin_dirs else np.zeros((0, d * d))
-    Bt = torch.from_numpy(basis).to(torch.float64)
-    red = _reduced_batch(tpg, reduce=True)
+    red = _reduced_batch(tpg)
 
     def loss_of(c: np.ndarray) -> tuple[float, np.ndarray]:
-        ct = torch.from_numpy(c).requires_grad_(True)
-        W = (ct @ Bt).reshape(d, d) if len(c) else torch.zeros(d, d, dtype=torch.float64)
-        L = retrieval_loss(W, E, *red) if len(red[0]) else W.sum() * 0
-        if not len(c):
-            return float(L), np.zeros(0)
-        (g,) = torch.autograd.grad(L, ct)
-        return float(L.detach()), g.detach().numpy()
+        L, G = _retrieval_loss((c @ basis).reshape(d, d), En, *red)
+        return L, basis @ G.ravel()
 
+    c = np.zeros(basis.shape[0])
     if basis.shape[0]:
-        res = minimize(loss_of, np.zeros(basis.shape[0]), jac=True, method="L-BFGS-B",
-                       options=dict(maxiter=20000, ftol=1e-16, gtol=1e-11))
-        c = res.x
-    else:
-        c = np.zeros(0)
+        c = minimize(loss_of, c, jac=True, method="L-BFGS-B",
+                     options=dict(maxiter=20000, ftol=1e-16, gtol=1e-11)).x
     red_loss, g = loss_of(c)
-    W_fin = (torch.from_numpy(c) @ Bt).reshape(d, d) if len(c) else torch.zeros(d, d, dtype=torch.float64)
+    W_fin = torch.from_numpy((c @ basis).reshape(d, d))
     return GraphSVM(
-        W_svm=W_svm, W_fin=W_fin.detach(), fin_basis=Bt.reshape(-1, d, d), feasible=feasible,
+        W_svm=W_svm, W_fin=W_fin, fin_basis=torch.from_numpy(basis).reshape(-1, d, d), feasible=feasible,
         message=message, margin=margin, within_residual=within_res, n_cross=len(cross),
         n_within=len(within), reduced_loss=red_loss,
         fin_grad_norm=float(np.linalg.norm(g)) if len(g) else 0.0, embeddings=E,
