@@ -293,6 +293,7 @@ class OVSpectrum:
     layer_mu_dc:       [layers].
     head_reading:      per layer a tuple of per-head readings (see :data:`READINGS`).
     layer_reading:     per layer, the reading of the head sum.
+    (The four ``layer_*`` fields are None when computed with ``per_layer=False``.)
     layers:            the layer indices analysed.
     fold_ln:           whether ln1's gamma (and centring) is in the matrix.
     weights:           which weights were used, in words.
@@ -301,12 +302,12 @@ class OVSpectrum:
 
     head_eigenvalues: torch.Tensor
     head_nonzero: torch.Tensor
-    layer_eigenvalues: torch.Tensor
-    layer_nonzero: torch.Tensor
+    layer_eigenvalues: torch.Tensor | None
+    layer_nonzero: torch.Tensor | None
     head_mu_dc: torch.Tensor
-    layer_mu_dc: torch.Tensor
+    layer_mu_dc: torch.Tensor | None
     head_reading: tuple[tuple[str, ...], ...]
-    layer_reading: tuple[str, ...]
+    layer_reading: tuple[str, ...] | None
     layers: tuple[int, ...]
     fold_ln: bool
     weights: str
@@ -320,6 +321,8 @@ class OVSpectrum:
     def layer(self, layer: int) -> torch.Tensor:
         """The non-zero eigenvalues of one layer's head sum."""
         i = self._row(layer)
+        if self.layer_eigenvalues is None:
+            raise InputError("layer spectra were not computed; call ov_spectrum(..., per_layer=True).")
         return self.layer_eigenvalues[i][self.layer_nonzero[i]]
 
     def _row(self, layer: int) -> int:
@@ -356,7 +359,9 @@ class OVSpectrum:
             for h in range(self.head_eigenvalues.shape[1]):
                 row(l, h, "head", self.head(l, h), self.head_reading[i][h],
                     float(self.head_mu_dc[i, h]))
-            row(l, pd.NA, "layer", self.layer(l), self.layer_reading[i], float(self.layer_mu_dc[i]))
+            if self.layer_reading is not None:
+                row(l, pd.NA, "layer", self.layer(l), self.layer_reading[i],
+                    float(self.layer_mu_dc[i]))
         df = pd.DataFrame(rows)
         df["head"] = df["head"].astype("Int64")
         return df
@@ -370,7 +375,7 @@ class OVSpectrum:
             for h in range(self.head_eigenvalues.shape[1]):
                 for z in self.head(l, h).tolist():
                     rows.append(dict(layer=l, head=h, kind="head", real=z.real, imag=z.imag))
-            for z in self.layer(l).tolist():
+            for z in (self.layer(l).tolist() if self.layer_eigenvalues is not None else []):
                 rows.append(dict(layer=l, head=pd.NA, kind="layer", real=z.real, imag=z.imag))
         df = pd.DataFrame(rows, columns=["layer", "head", "kind", "real", "imag"])
         df["head"] = df["head"].astype("Int64")
@@ -400,11 +405,13 @@ class OVSpectrum:
             for h in range(self.head_eigenvalues.shape[1]):
                 z = self.head(l, h)
                 ax.scatter(z.real, z.imag, s=14, color=cmap(h % 10), label=f"head {h}", zorder=3)
-            z = self.layer(l)
-            ax.scatter(z.real, z.imag, s=34, facecolors="none", edgecolors="k", linewidths=0.8,
-                       label="head sum", zorder=2)
-            i = self._row(l)
-            ax.set_title(f"layer {l}: {self.layer_reading[i]}", fontsize=9)
+            title = f"layer {l}"
+            if self.layer_eigenvalues is not None:
+                z = self.layer(l)
+                ax.scatter(z.real, z.imag, s=34, facecolors="none", edgecolors="k",
+                           linewidths=0.8, label="head sum", zorder=2)
+                title += f": {self.layer_reading[self._row(l)]}"
+            ax.set_title(title, fontsize=9)
             ax.axhline(0, color="0.8", lw=0.5, zorder=0)
             ax.axvline(0, color="0.8", lw=0.5, zorder=0)
             ax.set_xlabel("Re $\\lambda^H$", fontsize=8)
@@ -478,6 +485,7 @@ def ov_spectrum(
     *,
     fold_ln: bool = True,
     layers: Sequence[int] | int | None = None,
+    per_layer: bool = True,
     tol: float = 1e-6,
     progress: bool = True,
 ) -> OVSpectrum:
@@ -491,6 +499,8 @@ def ov_spectrum(
     stored ``W_V W_O``; see :func:`ov_factors` for how raw and TransformerLens-folded
     models are handled; ``result.weights`` says which was used. Readings follow
     :func:`classify_spectrum` for the model's attention direction. Computed in float64.
+    ``per_layer=False`` skips the head-sum spectra (a d_model x d_model eigensolve per
+    layer when heads * d_head >= d_model, the expensive part on large models).
     """
     from transformer_lens import FactoredMatrix
 
@@ -502,27 +512,27 @@ def ov_spectrum(
             layer_ids = tuple(check_layers(model, layers))
             head_eigs = FactoredMatrix(W_V, W_O).eigenvalues.to(torch.complex128)
             layer_list = []
-            for i in tqdm(range(len(layer_ids)), desc="layer spectra", disable=not progress):
+            steps = range(len(layer_ids)) if per_layer else range(0)
+            for i in tqdm(steps, desc="layer spectra", disable=not progress):
                 layer_list.append(_layer_eigenvalues(W_V[i : i + 1], W_O[i : i + 1])[0])
-            layer_eigs = torch.stack(layer_list).to(torch.complex128)
     head_eigs = _sort_eigs(head_eigs)
-    layer_eigs = _sort_eigs(layer_eigs)
+    layer_eigs = _sort_eigs(torch.stack(layer_list).to(torch.complex128)) if per_layer else None
     causal = _is_causal(model)
     head_reading, head_mu = [], []
     for i in range(len(layer_ids)):
         rs = [classify_spectrum(e, causal=causal, tol=tol) for e in head_eigs[i]]
         head_reading.append(tuple(r for r, _ in rs))
         head_mu.append([m for _, m in rs])
-    layer_rs = [classify_spectrum(e, causal=causal, tol=tol) for e in layer_eigs]
+    layer_rs = [classify_spectrum(e, causal=causal, tol=tol) for e in layer_eigs] if per_layer else []
     return OVSpectrum(
         head_eigenvalues=head_eigs,
         head_nonzero=_drop_zeros(head_eigs, tol),
         layer_eigenvalues=layer_eigs,
-        layer_nonzero=_drop_zeros(layer_eigs, tol),
+        layer_nonzero=_drop_zeros(layer_eigs, tol) if per_layer else None,
         head_mu_dc=torch.tensor(head_mu, dtype=torch.float64),
-        layer_mu_dc=torch.tensor([m for _, m in layer_rs], dtype=torch.float64),
+        layer_mu_dc=torch.tensor([m for _, m in layer_rs], dtype=torch.float64) if per_layer else None,
         head_reading=tuple(head_reading),
-        layer_reading=tuple(r for r, _ in layer_rs),
+        layer_reading=tuple(r for r, _ in layer_rs) if per_layer else None,
         layers=layer_ids,
         fold_ln=bool(fold_ln) and _norm_type(model) is not None,
         weights=desc,
@@ -598,6 +608,7 @@ class Dominance:
     layer_mu_hf:      [batch, layers] with the head-averaged attention (exact when the
                       heads share one pattern; the per-head columns are always exact).
     layer_dominant:   int8 [batch, layers].
+    (The three ``layer_*`` fields are None with ``per_layer=False``.)
     spectrum:         the :class:`OVSpectrum` the OV eigenvalues came from.
     """
 
@@ -605,9 +616,9 @@ class Dominance:
     mu_dc: torch.Tensor
     mu_hf: torch.Tensor
     dominant: torch.Tensor
-    layer_mu_dc: torch.Tensor
-    layer_mu_hf: torch.Tensor
-    layer_dominant: torch.Tensor
+    layer_mu_dc: torch.Tensor | None
+    layer_mu_hf: torch.Tensor | None
+    layer_dominant: torch.Tensor | None
     spectrum: OVSpectrum
     layers: tuple[int, ...]
 
@@ -622,12 +633,13 @@ class Dominance:
         return (self.dominant == -1).double().mean(dim=0)
 
     @property
-    def layer_frac_dc(self) -> torch.Tensor:
-        return (self.layer_dominant == 1).double().mean(dim=0)
+    def layer_frac_dc(self) -> torch.Tensor | None:
+        """[layers] fraction of inputs where DC dominates the head-sum update."""
+        return None if self.layer_dominant is None else (self.layer_dominant == 1).double().mean(0)
 
     @property
-    def layer_frac_hf(self) -> torch.Tensor:
-        return (self.layer_dominant == -1).double().mean(dim=0)
+    def layer_frac_hf(self) -> torch.Tensor | None:
+        return None if self.layer_dominant is None else (self.layer_dominant == -1).double().mean(0)
 
     def to_dataframe(self) -> Any:
         """One row per head and per layer (head <NA>): fractions DC / HF / tie, mu values."""
@@ -644,6 +656,8 @@ class Dominance:
                                  mu_dc=float(self.mu_dc[i, h]),
                                  mu_hf_mean=float(self.mu_hf[:, i, h].mean()),
                                  reading=self.spectrum.head_reading[i][h]))
+            if self.layer_dominant is None:
+                continue
             d = self.layer_dominant[:, i]
             rows.append(dict(layer=l, head=pd.NA, kind="layer",
                              frac_dc=float((d == 1).double().mean()),
@@ -660,11 +674,13 @@ class Dominance:
         """Heatmap of the fraction of inputs where DC dominates, layers x (heads + sum)."""
         import matplotlib.pyplot as plt
 
-        grid = torch.cat([self.frac_dc, self.layer_frac_dc[:, None]], dim=1).numpy()
         H = self.mu_dc.shape[1]
+        cols = [self.frac_dc] + ([] if self.layer_dominant is None else [self.layer_frac_dc[:, None]])
+        grid = torch.cat(cols, dim=1).numpy()
         fig, ax = plt.subplots(figsize=(1.0 + 0.55 * (H + 1), 1.0 + 0.35 * len(self.layers)))
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="coolwarm", aspect="auto")
-        ax.set_xticks(range(H + 1), [str(h) for h in range(H)] + ["sum"], fontsize=7)
+        ax.set_xticks(range(grid.shape[1]), ([str(h) for h in range(H)] + ["sum"])[: grid.shape[1]],
+                      fontsize=7)
         ax.set_yticks(range(len(self.layers)), [str(l) for l in self.layers], fontsize=7)
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
@@ -690,6 +706,7 @@ def dominance(
     *,
     fold_ln: bool = True,
     layers: Sequence[int] | int | None = None,
+    per_layer: bool = True,
     tol: float = 1e-6,
     progress: bool = True,
 ) -> Dominance:
@@ -700,7 +717,8 @@ def dominance(
     with the same ``fold_ln``), ``mu_DC = max_j |1 + lambda^H_j|`` and ``mu_HF =
     max_{i>=2, j} |1 + lambda^A_i lambda^H_j|``; the larger one dominates with depth.
     Per layer the head sum's spectrum is paired with the head-averaged attention. Needs
-    at least two positions (one token has no high-frequency mode).
+    at least two positions (one token has no high-frequency mode). ``per_layer=False``
+    skips the head-sum analysis (see :func:`ov_spectrum`).
     """
     toks = to_tokens(model, tokens)
     if toks.shape[1] < 2:
@@ -708,7 +726,8 @@ def dominance(
             "dominance needs sequences of at least 2 tokens: with one token there is no"
             " high-frequency mode to compare with DC."
         )
-    spec = ov_spectrum(model, fold_ln=fold_ln, layers=layers, tol=tol, progress=False)
+    spec = ov_spectrum(model, fold_ln=fold_ln, layers=layers, per_layer=per_layer, tol=tol,
+                       progress=False)
     causal = spec.causal
     names = [f"blocks.{l}.attn.hook_pattern" for l in spec.layers]
     with guard(model):
@@ -720,11 +739,12 @@ def dominance(
         attn.append(a)
         _, hf = _mu(a, spec.head_eigenvalues[i][None], spec.head_nonzero[i][None])
         mu_hf.append(hf)
-        la = attention_eigenvalues(pat.mean(dim=1), causal=causal)  # [batch, pos]
-        _, lhf = _mu(la, spec.layer_eigenvalues[i][None], spec.layer_nonzero[i][None])
-        lmu_hf.append(lhf)
+        if per_layer:
+            la = attention_eigenvalues(pat.mean(dim=1), causal=causal)  # [batch, pos]
+            _, lhf = _mu(la, spec.layer_eigenvalues[i][None], spec.layer_nonzero[i][None])
+            lmu_hf.append(lhf)
     mu_hf_t = torch.stack(mu_hf, dim=1)  # [batch, layers, heads]
-    lmu_hf_t = torch.stack(lmu_hf, dim=1)  # [batch, layers]
+    lmu_hf_t = torch.stack(lmu_hf, dim=1) if per_layer else None  # [batch, layers]
     mu_dc = spec.head_mu_dc
     lmu_dc = spec.layer_mu_dc
     return Dominance(
@@ -734,7 +754,9 @@ def dominance(
         dominant=_verdict(mu_dc[None].expand_as(mu_hf_t), mu_hf_t, tol),
         layer_mu_dc=lmu_dc,
         layer_mu_hf=lmu_hf_t,
-        layer_dominant=_verdict(lmu_dc[None].expand_as(lmu_hf_t), lmu_hf_t, tol),
+        layer_dominant=(
+            _verdict(lmu_dc[None].expand_as(lmu_hf_t), lmu_hf_t, tol) if per_layer else None
+        ),
         spectrum=spec,
         layers=spec.layers,
     )
@@ -831,11 +853,14 @@ class SmoothingProfile:
                                  max=float(m[:, k].max())))
         return pd.DataFrame(rows)
 
-    def plot(self, axes: Any = None, *, label: str | None = None, log_hc_dc: bool = True) -> Any:
+    def plot(
+        self, axes: Any = None, *, label: str | None = None, log_hc_dc: bool = True, **line_kw: Any
+    ) -> Any:
         """The four measures against depth (batch mean, band: +/- one std).
 
         Pass ``axes`` (4 Axes, e.g. from an earlier call's ``fig.axes``) to overlay
-        several profiles; ``label`` names this one in the legend.
+        several profiles; ``label`` names this one in the legend; ``line_kw`` go to
+        ``Axes.plot`` (e.g. ``linestyle='--'``).
         """
         import matplotlib.pyplot as plt
 
@@ -849,7 +874,7 @@ class SmoothingProfile:
         depth = torch.arange(len(self.hooks)).numpy()
         for ax, name in zip(axs, _MEASURES):
             mean, std = self.mean(name).numpy(), self.std(name).numpy()
-            (line,) = ax.plot(depth, mean, marker=".", label=label)
+            (line,) = ax.plot(depth, mean, **{"marker": ".", **line_kw}, label=label)
             lo = mean - std
             if name == "hc_dc" and log_hc_dc:
                 ax.set_yscale("log")
@@ -915,7 +940,17 @@ def sign_controlled(
     the spectrum in [-1, 0). ``zero_bias`` sets b_V and b_O to 0 (the paper's update has
     no bias). With layer norm the effective matrix is P_c diag(gamma) H, whose non-zero
     spectrum keeps the sign as long as gamma > 0 (as initialised); check with
-    :func:`ov_spectrum`. The user's model is not touched: the result is a deep copy.
+    :func:`ov_spectrum`.
+
+    Scale matters under a pre-LN block: the update is ``A LN(X) H`` and LN divides each
+    token by its feature std sigma(x), so the eigenvalues acting on the stream are
+    ``lambda / sigma``. A '-' model contracts the residual stream, sigma shrinks, and
+    ``lambda / sigma`` drifts below -1 (then below -2, where DC flips and dominates
+    again): with TransformerLens's initial residual scale (sigma ~ 0.3) use a small
+    ``psi_range`` such as (0.2, 0.35) to see sharpening hold for ~30 layers. Without
+    layer norm the paper's linear update holds exactly and the default range is fine.
+    The user's model is not touched: the result is a deep copy (hooks registered on the
+    original are copied along with it).
     """
     s = {"+": 1.0, "-": -1.0, 1: 1.0, -1: -1.0, "plus": 1.0, "minus": -1.0}.get(sign)
     if s is None:

@@ -529,3 +529,23 @@ def test_results_plot_and_show(tiny):
     assert len(fig2.axes[0].lines) == 2
     assert "<img" in prof.show().to_html()
     plt.close("all")
+
+
+def test_per_layer_false_skips_the_head_sum(tiny):
+    model = tiny()
+    full = lp.ov_spectrum(model, progress=False)
+    heads = lp.ov_spectrum(model, per_layer=False, progress=False)
+    assert heads.layer_eigenvalues is None and heads.layer_reading is None
+    assert torch.equal(heads.head_eigenvalues, full.head_eigenvalues)
+    assert len(heads.to_dataframe()) == 4 and set(heads.to_dataframe()["kind"]) == {"head"}
+    with pytest.raises(InputError, match="per_layer=True"):
+        heads.layer(0)
+    toks = profile_tokens(model.cfg.d_vocab, batch=2, pos=5)
+    dom = lp.dominance(model, toks, per_layer=False, progress=False)
+    assert dom.layer_dominant is None and dom.layer_frac_dc is None
+    assert torch.equal(dom.mu_hf, lp.dominance(model, toks, progress=False).mu_hf)
+    assert len(dom.to_dataframe()) == 4
+    import matplotlib.pyplot as plt
+
+    heads.plot(), dom.plot()
+    plt.close("all")
