@@ -522,3 +522,20 @@ def test_results_render(cyclic_run):
     assert "&lt;b&gt;" in html and "t&amp;1" in html and "&quot;q&quot;" in html
     assert "<b>" not in html
     assert len(al.svm.to_dataframe(tpg)) == al.svm.n_cross + al.svm.n_within
+
+
+def test_alignment_on_mixed_lengths_and_plain_graph_view(cyclic_run):
+    X, y, model, _ = cyclic_run
+    tpg = lp.TokenPriorityGraph.from_data(X, y)
+    seqs = [X[0].tolist(), X[1].tolist()[1:], [5, 0, 1, 2, 3, 4, 2]]
+    al = lp.priority_alignment(model, tpg, seqs)
+    assert al.labels is None and bool(torch.isnan(al.label_mass).all())
+    E, W = model.W_E.detach().double(), lp.head_W(model)
+    for i, seq in enumerate(seqs):
+        s = torch.softmax(torch.stack([E[t] @ W @ E[seq[-1]] for t in seq]), 0)
+        ret = tpg.retrieve(seq).tokens
+        want = sum(float(s[j]) for j, t in enumerate(seq) if t in ret)
+        assert abs(float(al.retrieved_mass[i]) - want) < 1e-9
+    html = tpg.show(svm=al.svm).to_html()
+    assert html.count('class="lp-node"') == sum(g.number_of_nodes() for g in tpg.graphs.values())
+    assert 'data-kind="model"' not in html and "w=" in html
