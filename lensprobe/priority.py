@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Sequence
 
 import networkx as nx
@@ -41,7 +40,7 @@ from . import _tl
 from .core import guard, run_hooked
 from .errors import InputError
 from .inputs import check_head, check_layer, to_tokens
-from .views import View, escape, html_page
+from .views import View, escape
 
 __all__ = [
     "TokenPriorityGraph",

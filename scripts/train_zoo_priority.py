@@ -27,7 +27,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 import lensprobe as lp
 from lensprobe.tasks.priority import PriorityTask, priority_dataset

@@ -29,7 +29,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import torch
 
 import lensprobe as lp
 
