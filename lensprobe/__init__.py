@@ -26,3 +26,4 @@ from . import zoo
 from .stacking import stacked_heads, emergence, depth_study, hop_scores, query_accuracy, StackedHeads, Emergence, DepthStudy
 from .smoothing import ov_spectrum, dominance, smoothing_profile, sign_controlled, flip_ln_gamma
 from .priority import TokenPriorityGraph, Retrieval, GraphSVM, InfeasibleError, graph_svm, head_W, priority_model, priority_loss, train_priority, PriorityAlignment, priority_alignment, AlignmentCurve, alignment_curve, retrieval_graph_view
+from .oversquash import collapse_curve, path_bound, sensitivity
