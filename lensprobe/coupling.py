@@ -412,10 +412,10 @@ def block_jacobians(
         raise InputError("the model has no floating-point parameters.")
     with guard(model):
         pres = capture_acts(model, toks, [f"blocks.{l}.hook_resid_pre" for l in layer_list])
-        out = []
+        jacs = None
         used = method
         gen = torch.Generator().manual_seed(0)
-        for l in _progress(layer_list, len(layer_list), "block Jacobians", progress):
+        for li, l in _progress(enumerate(layer_list), len(layer_list), "block Jacobians", progress):
             x = pres[f"blocks.{l}.hook_resid_pre"].detach()
             if input_token is not None:
                 d = x.shape[-1]
@@ -436,8 +436,11 @@ def block_jacobians(
                 if jac is None:
                     jac = _diag_per_token(model, toks, l, x, pos_list, chunk_size, max_memory_mb)
                     used = "per_token"
-            out.append(check_finite(jac.detach(), f"the block Jacobians of layer {l}"))
-        jacs = torch.stack(out, dim=1)
+            check_finite(jac, f"the block Jacobians of layer {l}")
+            if jacs is None:  # filled layer by layer: the full array exists once
+                jacs = jac.new_empty((jac.shape[0], len(layer_list), *jac.shape[1:]))
+            jacs[:, li] = jac.detach()
+            del jac
     kind = "diagonal" if fixed is None else "fixed_input" if input_token is not None else "fixed_output"
     return BlockJacobians(jacs, kind, tuple(layer_list), tuple(pos_list), fixed, toks.detach().cpu(),
                           used, _str_tokens(model, toks))
@@ -493,10 +496,25 @@ def _str_tokens(model: Any, toks: torch.Tensor) -> tuple[tuple[str, ...], ...] |
 
 
 # =========================================================================== coupling
-def _svd_top(J: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-kmax singular triplets of a batch [..., d, d]: U_K [..., d, K], s_K [..., K], V_K [..., d, K]."""
-    U, S, Vh = torch.linalg.svd(J, full_matrices=False)
-    return U[..., :kmax], S[..., :kmax], Vh[..., :kmax, :].mT
+def _svd_top(J: torch.Tensor, kmax: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-kmax singular triplets of a batch [..., d, d]: U_K [..., d, K], s_K [..., K], V_K [..., d, K].
+
+    Full SVDs in chunks of ``chunk`` matrices gathered from ``J`` (any strides: a
+    transposed view is never copied whole), keeping copies of the top-K parts only, so
+    the full U and V of every matrix are never held at once."""
+    lead, d = tuple(J.shape[:-2]), J.shape[-1]
+    n = math.prod(lead)
+    U = J.new_empty((n, d, kmax))
+    S = J.new_empty((n, kmax))
+    V = J.new_empty((n, d, kmax))
+    for i in range(0, n, chunk):
+        idx = torch.unravel_index(torch.arange(i, min(n, i + chunk)), lead)
+        u, s, vh = torch.linalg.svd(J[idx], full_matrices=False)
+        U[i : i + chunk] = u[..., :kmax]
+        S[i : i + chunk] = s[..., :kmax]
+        V[i : i + chunk] = vh[..., :kmax, :].mT
+        del u, s, vh
+    return U.reshape(*lead, d, kmax), S.reshape(*lead, kmax), V.reshape(*lead, d, kmax)
 
 
 def coupling_metric(
@@ -537,39 +555,42 @@ def _m_from(M: torch.Tensor, s: torch.Tensor, variant: str) -> torch.Tensor:
     return num / den.clamp_min(torch.finfo(s.dtype).tiny)
 
 
-def _pairwise_m(J: torch.Tensor, ks: Sequence[int], max_memory_mb: float = 512,
+def _pairwise_m(J: torch.Tensor, ks: Sequence[int], max_memory_mb: float = 256,
                 keep_product: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """All-pairs m_K within groups.
 
-    J: [G, A, d, d] -> m: [3 variants, len(ks), G, A, A] with m[v, k, g, i, j] =
-    m_K(J[g, i], J[g, j]) (J1 = J[g, i] measured in J2 = J[g, j]'s singular bases).
-    With ``keep_product`` also |U_j,K^T J_i V_j,K| for K = max(ks): [G, A, A, K, K].
-    One batched SVD per matrix, then batched products over chunks of (g, i).
+    J: [B, G, A, d, d] (any strides) -> m: [3 variants, len(ks), B, G, A, A] with
+    m[v, k, b, g, i, j] = m_K(J[b, g, i], J[b, g, j]) (J1 = J[b, g, i] measured in the
+    singular bases of J2 = J[b, g, j]). With ``keep_product`` also |U_j,K^T J_i V_j,K| for
+    K = max(ks): [B, G, A, A, K, K]. One SVD per matrix, then batched products over
+    chunks of (b, g, i) sized to ``max_memory_mb``.
     """
-    G, A, d, _ = J.shape
+    B, G, A, d, _ = J.shape
     kmax = max(ks)
-    U, S, V = _svd_top(J, kmax)  # [G, A, d, K], [G, A, K], [G, A, d, K]
-    m = J.new_zeros((len(VARIANTS), len(ks), G, A, A))
-    prods = J.new_zeros((G, A, A, kmax, kmax)) if keep_product else None
-    per_row = 2 * A * d * kmax * J.element_size()
+    U, S, V = _svd_top(J, kmax)  # [B, G, A, d, K], [B, G, A, K], [B, G, A, d, K]
+    m = J.new_zeros((len(VARIANTS), len(ks), B, G, A, A))
+    prods = J.new_zeros((B, G, A, A, kmax, kmax)) if keep_product else None
+    # per (b, g, i): gathered U, V of the group and two [A, K, d] / [A, d, K] products each way
+    per_row = (6 * A * d * kmax + d * d) * J.element_size()
     rows = max(1, int(max_memory_mb * 2**20 // per_row))
-    flat = [(g, i) for g in range(G) for i in range(A)]
+    flat = [(b, g, i) for b in range(B) for g in range(G) for i in range(A)]
     for c in range(0, len(flat), rows):
-        idx = flat[c : c + rows]
-        gi = torch.tensor([g for g, _ in idx])
-        ii = torch.tensor([i for _, i in idx])
-        J1 = J[gi, ii]  # [r, d, d]
-        Ug, Vg = U[gi], V[gi]  # [r, A, d, K]
-        s1 = S[gi, ii]  # [r, K]
-        M = Ug.mT @ J1.unsqueeze(1) @ Vg  # [r, A(j), K, K]
-        Msw = Vg.mT @ J1.unsqueeze(1) @ Ug
+        idx = torch.tensor(flat[c : c + rows])
+        bi, gi, ii = idx[:, 0], idx[:, 1], idx[:, 2]
+        J1 = J[bi, gi, ii].unsqueeze(1)  # [r, 1, d, d]
+        Ug, Vg = U[bi, gi], V[bi, gi]  # [r, A, d, K]
+        sK_all = S[bi, gi, ii][:, None]  # [r, 1, K]
+        M = Ug.mT @ (J1 @ Vg)  # [r, A(j), K, K]
         for q, K in enumerate(ks):
-            sK = s1[:, None, :K]
-            m[0, q, gi, ii] = _m_from(M[..., :K, :K], sK, "frob")
-            m[1, q, gi, ii] = _m_from(M[..., :K, :K], sK, "trace")
-            m[2, q, gi, ii] = _m_from(Msw[..., :K, :K], sK, "swap")
+            m[0, q, bi, gi, ii] = _m_from(M[..., :K, :K], sK_all[..., :K], "frob")
+            m[1, q, bi, gi, ii] = _m_from(M[..., :K, :K], sK_all[..., :K], "trace")
         if prods is not None:
-            prods[gi, ii] = M.abs()
+            prods[bi, gi, ii] = M.abs()
+        del M
+        Msw = Vg.mT @ (J1 @ Ug)
+        for q, K in enumerate(ks):
+            m[2, q, bi, gi, ii] = _m_from(Msw[..., :K, :K], sK_all[..., :K], "swap")
+        del Msw
     return m, prods
 
 
@@ -813,12 +834,8 @@ def coupling(
     else:
         grouped = J  # [b, L, P, d, d]
         groups, items, gax, iax = jac.layers, jac.positions, "layer", "position"
-    G, A = grouped.shape[1:3]
-    m, prods = _pairwise_m(grouped.reshape(B * G, A, *J.shape[-2:]), ks,
-                           keep_product=keep_products)
-    m = m.reshape(len(VARIANTS), len(ks), B, G, A, A)
-    if prods is not None:
-        prods = prods.reshape(B, G, A, A, *prods.shape[-2:])
+    m, prods = _pairwise_m(grouped, ks, keep_product=keep_products,
+                           max_memory_mb=min(max_memory_mb or 256, 256))
     return Coupling(m, ks, mode, tuple(groups), tuple(items), gax, iax, prods, jac)
 
 
