@@ -331,7 +331,13 @@ class OVSpectrum:
         return self.layers.index(layer)
 
     def to_dataframe(self) -> Any:
-        """One row per head and one per layer sum (head = <NA>, kind 'layer')."""
+        """One row per head and one per layer sum (head = <NA>, kind 'layer').
+
+        Columns: reading, mu_dc, ``mu_hf_bound`` (the largest |1 + a lambda_j| any
+        high-frequency mode can reach: max(1, mu_DC) for causal attention, whose HF
+        eigenvalues a lie in [0, 1), and 1 + max_j |lambda_j| for bidirectional attention,
+        a in the unit disk), and counts/ranges of the non-zero eigenvalues.
+        """
         import pandas as pd
 
         rows = []
@@ -345,6 +351,7 @@ class OVSpectrum:
                     kind=kind,
                     reading=reading,
                     mu_dc=mu,
+                    mu_hf_bound=self._hf_bound(eigs, mu),
                     n_nonzero=int(eigs.numel()),
                     n_positive=int((real & (eigs.real > 0)).sum()),
                     n_negative=int((real & (eigs.real < 0)).sum()),
@@ -365,6 +372,11 @@ class OVSpectrum:
         df = pd.DataFrame(rows)
         df["head"] = df["head"].astype("Int64")
         return df
+
+    def _hf_bound(self, eigs: torch.Tensor, mu_dc: float) -> float:
+        if eigs.numel() == 0:
+            return 1.0
+        return max(1.0, mu_dc) if self.causal else 1.0 + float(eigs.abs().max())
 
     def eigen_dataframe(self) -> Any:
         """Long format: one row per non-zero eigenvalue (layer, head or <NA>, real, imag)."""
@@ -456,22 +468,8 @@ def _draw_regions(ax: Any) -> None:
 
 
 def _html_table(df: Any) -> str:
-    import pandas as pd
-
-    from .views import escape
-
-    head = "".join(f"<th>{escape(c)}</th>" for c in df.columns)
-    rows = []
-    for rec in df.itertuples(index=False):
-        cells = []
-        for v in rec:
-            if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
-                v = ""
-            elif isinstance(v, float):
-                v = f"{v:.4g}"
-            cells.append(f"<td>{escape(v)}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    """A DataFrame as an HTML table; pandas escapes every cell."""
+    return df.to_html(index=False, escape=True, na_rep="", float_format=lambda v: f"{v:.4g}")
 
 
 def _close(fig: Any) -> None:

@@ -549,3 +549,23 @@ def test_per_layer_false_skips_the_head_sum(tiny):
 
     heads.plot(), dom.plot()
     plt.close("all")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_hf_bound_is_the_sup_over_attention_eigenvalues(tiny, causal):
+    """mu_hf_bound = sup over admissible HF attention eigenvalues a of max_j |1 + a lambda_j|:
+    a in [0, 1] for causal attention, the closed unit disk otherwise (grid search here)."""
+    model = tiny(causal=causal)
+    randomise_ln(model, seed=11)
+    spec = lp.ov_spectrum(model, progress=False)
+    df = spec.to_dataframe()
+    if causal:
+        grid = np.linspace(0, 1, 4001)
+    else:
+        r, t = np.meshgrid(np.linspace(0, 1, 201), np.linspace(0, 2 * np.pi, 721))
+        grid = (r * np.exp(1j * t)).ravel()
+    for rec in df.itertuples():
+        lam = spec.head(rec.layer, rec.head) if rec.kind == "head" else spec.layer(rec.layer)
+        lam = lam.numpy()
+        sup = np.abs(1 + grid[:, None] * lam[None, :]).max()
+        assert rec.mu_hf_bound == pytest.approx(sup, rel=1e-4)
