@@ -137,7 +137,7 @@ def _hop_scores_from_patterns(patterns: torch.Tensor, batch: Batch, target: str)
     return HopScores(scores, base, counts)
 
 
-def hop_scores(model: Any, batch: Batch, *, target: str = "statement") -> HopScores:
+def hop_scores(model: Any, batch: Batch, *, target: str = "rhs") -> HopScores:
     """Per head, the attention mass on the ground-truth k-hop referents (see HopScores)."""
     _tl.require_model(model)
     batch = _require_retrieval_batch(batch)
@@ -196,7 +196,11 @@ class StackedHeads:
     specialist:   [L, H] bool: best_score >= threshold and above every baseline.
     stack:        the detected stack, one entry per layer that has a specialist (the
                   layer's highest-scoring one): dicts with layer, head, name, hop, score.
-    increasing:   True when the stack's hops rise strictly with layer (>= 2 entries).
+    increasing:   True when the stack's attention hops rise strictly with layer (>= 2
+                  entries), the picture of the paper's doubling/tripling construction. A
+                  model that chains 1-hop heads (each later head reads a position that
+                  already holds a longer resolved segment) has hops 1, 1, 1: see
+                  ``resolves`` in each entry and :attr:`functional_order`.
     k_composition: K-composition score between consecutive stack entries, and
                   k_composition_baseline the mean over all head pairs of the same layers.
     clean_accuracy: accuracy per difficulty; ablation: head name -> {difficulty:
@@ -229,8 +233,17 @@ class StackedHeads:
     def n_heads(self) -> int:
         return self.scores.shape[1]
 
+    @property
+    def functional_order(self) -> bool:
+        """True when the stack's functional hops (``resolves``) never fall with layer and
+        rise from the first head to the last: later heads are needed only for longer chains."""
+        r = [s.get("resolves") for s in self.stack]
+        if len(r) < 2 or any(v is None for v in r):
+            return False
+        return all(a <= b for a, b in zip(r, r[1:])) and r[0] < r[-1]
+
     def ablation_check(self) -> dict[str, dict[str, float]]:
-        """Per stack head: mean accuracy drop on difficulties >= its hop vs below it."""
+        """Per stack head: mean accuracy drop on difficulties >= its (attention) hop vs below."""
         out = {}
         for s in self.stack:
             drops = self.ablation.get(s["name"])
@@ -308,7 +321,7 @@ class StackedHeads:
 
     def show(self) -> View:
         parts: list[Any] = [
-            f"<h3>Stacked heads: {escape(', '.join(s['name'] + ' (hop ' + str(s['hop']) + ')' for s in self.stack) or 'none detected')}</h3>",
+            f"<h3>Stacked heads: {escape(', '.join(s['name'] + ' (hop ' + str(s['hop']) + ', needed from ' + str(s.get('resolves')) + ' hops)' for s in self.stack) or 'none detected')}</h3>",
             self.chain_view(),
             self.attention_view(),
         ]
@@ -379,10 +392,11 @@ def stacked_heads(
     model: Any,
     batch: Batch,
     *,
-    target: str = "statement",
+    target: str = "rhs",
     threshold: float = 0.3,
     ablation: str | None = "mean",
     ablate: str = "stack",
+    min_drop: float = 0.05,
     example: int = 0,
 ) -> StackedHeads:
     """Detect stacked retrieval heads (Musat, ICLR 2025) on a retrieval batch.
@@ -396,7 +410,14 @@ def stacked_heads(
     (:func:`k_composition`) is reported with the mean over all head pairs of those layers
     as a baseline. ``ablation`` ('mean', 'zero' or None) ablates the output (hook_z) of
     each stack head (``ablate='stack'``) or every head (``'all'``) and records the
-    accuracy drop per difficulty. The model is left as found.
+    accuracy drop per difficulty; each stack entry then also gets ``resolves``, the
+    smallest difficulty whose accuracy falls by >= ``min_drop`` without the head (its
+    *functional* hop: the depth from which the model needs it), or None.
+
+    ``target='rhs'`` (default) scores mass on the referent statement's right-hand side,
+    where its resolved value is computed; ``'statement'`` counts the whole statement,
+    whose left-hand side is an earlier copy of the same token, so first-layer
+    same-token heads then look like 1-hop heads. The model is left as found.
     """
     _tl.require_model(model)
     batch = _require_retrieval_batch(batch)
@@ -439,6 +460,9 @@ def stacked_heads(
             for l, h in heads:
                 acc = _accuracy_by_difficulty(_ablated_logits(model, tokens, l, h, ablation), batch)
                 drops[head_name(l, h)] = {d: clean[d] - acc[d] for d in clean}
+            for s in stack:
+                hurt = [d for d, v in sorted(drops[s["name"]].items()) if v >= min_drop]
+                s["resolves"] = hurt[0] if hurt else None
     ex_refs = batch.info["ref_pos"][example, batch.info["query_pos"]]
     ex = dict(
         tokens=_str_tokens(model, batch.tokens[example]),
@@ -585,7 +609,7 @@ def emergence(
     *,
     threshold: float = 0.3,
     drop_fraction: float = 0.5,
-    target: str = "statement",
+    target: str = "rhs",
     progress: bool = True,
 ) -> Emergence:
     """When each head's role appears (Musat, ICLR 2025: heads emerge one at a time, each

@@ -235,3 +235,25 @@ def test_query_accuracy_matches_loop(task, batch):
         rows = [b for b in range(len(batch)) if batch.info["main_hops"][b] == D]
         hits = [int(logits[b].argmax()) == int(batch.targets[b, -1]) for b in rows]
         assert qa[D] == pytest.approx(sum(hits) / len(rows))
+
+
+def test_shipped_model_has_an_increasing_stack_that_ablation_confirms(fingerprint):
+    card = lp.zoo.info("retrieval")
+    model = lp.zoo.load("retrieval")
+    task = RetrievalTask(**card["task"])
+    batch = task.sample(256, torch.Generator().manual_seed(11))
+    qa = stacking.query_accuracy(model, batch)
+    assert qa[max(qa)] >= 0.95 and max(qa) >= 4  # solves its longest chains (>= 4 hops)
+    fp = fingerprint(model)
+    res = stacking.stacked_heads(model, batch, ablation="mean")
+    assert fingerprint(model) == fp
+    layers = [s["layer"] for s in res.stack]
+    assert len(res.stack) >= 2 and layers == sorted(set(layers))
+    # the depth from which each stack head is needed rises with its layer ...
+    resolves = [s["resolves"] for s in res.stack]
+    assert res.functional_order and resolves == sorted(resolves), resolves
+    # ... and ablating a head hurts depths at or above its hop more than those below
+    checks = res.ablation_check()
+    assert set(checks) == {s["name"] for s in res.stack}
+    for name, c in checks.items():
+        assert c["drop_at_or_above"] > c["drop_below"], (name, c)
