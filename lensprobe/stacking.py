@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import _tl
 from .core import guard, run_hooked
@@ -30,6 +29,7 @@ from .errors import InputError
 from .inputs import check_finite, model_device, to_tokens
 from .tasks.base import IGNORE, Batch
 from .tasks.retrieval import RetrievalTask, depth_bound, doubling_hops
+from .training import _per_difficulty
 from .views import View, attention_heads, escape, figure_html, html_page
 
 __all__ = [
@@ -178,11 +178,7 @@ def _ablated_logits(model: Any, tokens: torch.Tensor, layer: int, head: int, mod
 
 
 def _accuracy_by_difficulty(logits: torch.Tensor, batch: Batch) -> dict[int, float]:
-    tg = batch.targets.to(logits.device)
-    df = batch.difficulty.to(logits.device)
-    mask = tg != IGNORE
-    hit = logits.argmax(-1) == tg
-    return {int(d): float(hit[mask & (df == d)].float().mean()) for d in torch.unique(df[mask])}
+    return _per_difficulty(logits, batch).accuracy
 
 
 # --------------------------------------------------------------------------- result
@@ -637,12 +633,8 @@ def emergence(
         tokens = to_tokens(m, batch.tokens)
         with guard(m), torch.no_grad():
             logits = m(tokens).double()
-        tg, df = batch.targets.to(logits.device), batch.difficulty.to(logits.device)
-        row = []
-        for d in diffs:
-            sel = (tg != IGNORE) & (df == d)
-            row.append(float(F.cross_entropy(logits[sel], tg[sel])))
-        losses.append(row)
+        per = _per_difficulty(logits, batch).loss
+        losses.append([per[d] for d in diffs])
     S = torch.stack(all_scores)  # [C, L, H, K]
     best_idx = S[-1].argmax(-1)  # [L, H]
     C, L, H, K = S.shape

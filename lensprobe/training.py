@@ -73,13 +73,18 @@ class Evaluation:
         )
 
 
+def _upcast_half(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are upcast to float32 for the loss; float32/64 stay."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _per_difficulty(logits: torch.Tensor, batch: Batch) -> Evaluation:
     targets = batch.targets.to(logits.device)
     diff = batch.difficulty.to(logits.device)
     mask = targets != IGNORE
     if not bool(mask.any()):
         return Evaluation({}, {}, {}, float("nan"), float("nan"))
-    lg = logits[mask].float()
+    lg = _upcast_half(logits[mask])
     tg = targets[mask]
     df = diff[mask]
     nll = F.cross_entropy(lg, tg, reduction="none")
@@ -270,10 +275,7 @@ def default_loss(model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, floa
     mask = batch.targets != IGNORE
     if not bool(mask.any()):
         raise InputError("the batch has no supervised position (every target is IGNORE).")
-    sel = logits[mask]
-    if sel.dtype in (torch.float16, torch.bfloat16):
-        sel = sel.float()
-    loss = F.cross_entropy(sel, batch.targets[mask])
+    loss = F.cross_entropy(_upcast_half(logits[mask]), batch.targets[mask])
     return loss, {}
 
 
@@ -399,9 +401,12 @@ def train(
     def evaluate_now(step: int, losses: list[float], t0: float) -> dict[str, Any]:
         model.eval()
         with torch.no_grad():
-            ev_loss, ev_metrics = loss_fn(model, eval_batch)
             logits = model(eval_batch.tokens)
-        ev = _per_difficulty(logits, eval_batch)
+            ev = _per_difficulty(logits, eval_batch)
+            if loss_fn is default_loss:  # the same masked cross-entropy: skip a forward
+                ev_loss, ev_metrics = ev.overall_loss, {}
+            else:
+                ev_loss, ev_metrics = loss_fn(model, eval_batch)
         rec: dict[str, Any] = dict(
             step=step,
             examples=step * batch_size,
