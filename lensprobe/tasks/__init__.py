@@ -6,3 +6,4 @@ Every task follows :class:`lensprobe.tasks.base.Task` (seeded ``sample`` -> :cla
 from .base import IGNORE, Batch, Task
 from .retrieval import RetrievalTask
 from .priority import PriorityTask, FixedData, priority_dataset
+from .counting import CopyTask, CountTask, counting_vocab
