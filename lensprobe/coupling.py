@@ -60,6 +60,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from . import _tl
 from .core import capture_acts, guard, jvp_cols, run_hooked, vjp_rows
 from .errors import InputError, LensprobeError
 from .inputs import check_finite, check_layers, model_dtype, to_tokens
@@ -149,6 +150,40 @@ class BlockJacobians:
             raise InputError(f"position {pos} was not computed; have {list(self.positions)}.")
         return self.jacobians[:, self.layers.index(layer), self.positions.index(pos)]
 
+    def save(self, path: str | Path) -> Path:
+        """Write to one ``.safetensors`` file (tensors + JSON metadata; no pickle)."""
+        import json
+
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(kind=self.kind, layers=list(self.layers), positions=list(self.positions),
+                    token=self.token, method=self.method,
+                    str_tokens=[list(r) for r in self.str_tokens] if self.str_tokens else None)
+        save_file({"jacobians": self.jacobians.detach().cpu().contiguous(),
+                   "tokens": self.tokens.detach().cpu().contiguous()}, str(path),
+                  metadata={"lensprobe_block_jacobians": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BlockJacobians":
+        """Read a file written by :meth:`save`."""
+        import json
+
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("lensprobe_block_jacobians")
+        if raw is None:
+            raise InputError(f"{str(path)!r} was not written by BlockJacobians.save.")
+        meta = json.loads(raw)
+        t = load_file(str(path))
+        st = tuple(tuple(r) for r in meta["str_tokens"]) if meta["str_tokens"] else None
+        return cls(t["jacobians"], meta["kind"], tuple(meta["layers"]), tuple(meta["positions"]),
+                   meta["token"], t["tokens"], meta["method"], st)
+
     def _label(self, p: int) -> str:
         if self.kind == "diagonal":
             return f"J_{{{p},{p}}}"
@@ -218,23 +253,6 @@ class BlockJacobians:
         return View(body, title="block Jacobians")
 
 
-def _attn_scale(model: Any, layer: int) -> float:
-    """The score scale of layer ``layer`` (scores = q.k / scale), from the model's config."""
-    attn = model.blocks[layer].attn
-    scale = getattr(attn, "attn_scale", None)
-    if isinstance(scale, (int, float)) and scale > 0:
-        return float(scale)
-    cfg = model.cfg
-    if getattr(cfg, "use_attn_scale", True):
-        s = getattr(cfg, "attn_scale", -1.0)
-        s = float(s) if s is not None and s > 0 else math.sqrt(cfg.d_head)
-    else:
-        s = 1.0
-    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
-        s *= layer + 1
-    return s
-
-
 def _expand_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[b, pos, n_kv_heads, e] -> [b, pos, n_heads, e] (grouped-query attention)."""
     if t.shape[2] == n_heads:
@@ -248,7 +266,7 @@ def _separable_hooks(model: Any, layer: int) -> dict[str, Callable]:
     See the module docstring: keys and values are detached, and the own-position score
     path (through k_t) and value path (through v_t) are added back as zero-valued terms.
     """
-    scale = _attn_scale(model, layer)
+    scale = _tl.attn_scale(model, layer)
     n_heads = model.cfg.n_heads
     a = f"blocks.{layer}.attn."
     store: dict[str, torch.Tensor] = {}
@@ -339,7 +357,6 @@ def _check_separable(model: Any, toks: torch.Tensor, layer: int, x: torch.Tensor
                      jac: torch.Tensor, positions: Sequence[int], gen: torch.Generator) -> float:
     """Relative error of the separable J_tt against one plain backward pass at two positions."""
     fn = _block_fn(model, toks, layer)
-    n = x.shape[1]
     probe = sorted({positions[-1], positions[int(torch.randint(len(positions), (1,), generator=gen))]})
     worst = 0.0
     for t in probe:
@@ -349,7 +366,6 @@ def _check_separable(model: Any, toks: torch.Tensor, layer: int, x: torch.Tensor
         mine = torch.einsum("bi,bij->bj", c[0, :, t], jac[:, positions.index(t)])
         err = float((g - mine).norm() / g.norm().clamp_min(torch.finfo(x.dtype).tiny))
         worst = max(worst, err)
-    del n
     return worst
 
 
@@ -496,7 +512,7 @@ def _str_tokens(model: Any, toks: torch.Tensor) -> tuple[tuple[str, ...], ...] |
 
 
 # =========================================================================== coupling
-def _svd_top(J: torch.Tensor, kmax: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _svd_top(J: torch.Tensor, kmax: int, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-kmax singular triplets of a batch [..., d, d]: U_K [..., d, K], s_K [..., K], V_K [..., d, K].
 
     Full SVDs in chunks of ``chunk`` matrices gathered from ``J`` (any strides: a
@@ -677,25 +693,23 @@ class Coupling:
         return float(self.off_diagonal(k, variant).mean())
 
     def to_dataframe(self) -> Any:
-        """Long format: variant, k, prompt, group, i, j, m, coupling."""
+        """Long format, one row per entry of ``m``: variant, k, prompt, group, i, j, m, coupling."""
+        import numpy as np
         import pandas as pd
 
-        V, Kn, B, G, A, _ = self.m.shape
         m = self.m.detach().double().cpu().numpy()
-        rows = []
-        for v in range(V):
-            for q in range(Kn):
-                for b in range(B):
-                    for g in range(G):
-                        for i in range(A):
-                            for j in range(A):
-                                mm = float(m[v, q, b, g, i, j])
-                                rows.append({"variant": VARIANTS[v], "k": self.ks[q], "prompt": b,
-                                             self.group_axis: self.groups[g],
-                                             f"{self.item_axis}_i": self.items[i],
-                                             f"{self.item_axis}_j": self.items[j],
-                                             "m": mm, "coupling": 1 - mm * mm})
-        return pd.DataFrame(rows)
+        idx = np.indices(m.shape).reshape(m.ndim, -1)
+        flat = m.reshape(-1)
+        return pd.DataFrame({
+            "variant": np.asarray(VARIANTS)[idx[0]],
+            "k": np.asarray(self.ks)[idx[1]],
+            "prompt": idx[2],
+            self.group_axis: np.asarray(self.groups)[idx[3]],
+            f"{self.item_axis}_i": np.asarray(self.items)[idx[4]],
+            f"{self.item_axis}_j": np.asarray(self.items)[idx[5]],
+            "m": flat,
+            "coupling": 1 - flat * flat,
+        })
 
     def plot(self, k: int | None = None, variant: str = "frob", group: int | None = None,
              pair: tuple[int, int] | None = None) -> Any:
@@ -783,9 +797,10 @@ def coupling(
     every K in ``k`` (default 10, 30, 50, each clamped to d_model // 4).
 
     ``mode``:
-      * 'depth' (default): for each token t, the L x L matrix m_K(J^i_tt, J^j_tt).
-        ``positions`` default: the last token (pass None via positions='all' for all).
-      * 'token': for each layer l, positions x positions m_K(J^l_tt, J^l_t't').
+      * 'depth' (default): for each token t, the L x L matrix m_K(J^i_tt, J^j_tt);
+        ``positions`` defaults to the last token, ``positions='all'`` takes every one.
+      * 'token': for each layer l, positions x positions m_K(J^l_tt, J^l_t't')
+        (``positions`` default: all).
       * 'context': cross-token Jacobians of a fixed ``output_token`` (default the last;
         items are input tokens t1 <= t2) or a fixed ``input_token`` (items are outputs
         t2 >= t1); for each layer, the matrix over those items.

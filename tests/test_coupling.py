@@ -213,7 +213,7 @@ def test_separable_check_catches_a_wrong_surgery(tiny, monkeypatch, fingerprint)
     model = tiny()
     toks = _toks(model, batch=1)
     # A wrong score scale makes the zero-valued key path carry the wrong gradient.
-    monkeypatch.setattr(lpc, "_attn_scale", lambda m, l: 1.0)
+    monkeypatch.setattr(lp._tl, "attn_scale", lambda m, l: 1.0)
     before = fingerprint(model)
     with pytest.warns(UserWarning, match="per-token"):
         res = lp.block_jacobians(model, toks, progress=False)
@@ -427,6 +427,12 @@ def test_outputs_dataframe_plot_show(tiny, tmp_path):
     html = c.show().to_html()
     assert "data:image/png;base64" in html and "mean off-diagonal coupling" in html
     jac = c.jacobians
+    back = type(jac).load(jac.save(tmp_path / "jac.safetensors"))
+    assert torch.equal(back.jacobians, jac.jacobians) and back.str_tokens == jac.str_tokens
+    assert (back.kind, back.layers, back.positions, back.token) == (jac.kind, jac.layers, jac.positions, jac.token)
+    assert torch.equal(lp.coupling(back, k=[2, 3]).m, c.m)
+    with pytest.raises(InputError, match="not written"):
+        type(jac).load(lp.save_checkpoint(model, tmp_path / "model.safetensors"))
     jdf = jac.to_dataframe()
     assert len(jdf) == 2 * 2 * 2
     assert np.allclose(jdf.frobenius.values, jac.norms().permute(0, 1, 2).reshape(-1).numpy())
