@@ -361,7 +361,9 @@ def load_pretrained(
             for k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"):
                 kwargs.setdefault(k, processed)
             model = _load_pretrained_hooked(name_or_path, local, device, dtype, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+        # transformers and TransformerLens raise any of these for unreadable directories,
+        # unknown architectures, missing tokenizer files and missing network.
         where = "local directory" if local else "hub name"
         raise ModelError(
             f"could not load {name_or_path!r} ({where}): {e}. Hub names need network access"
@@ -432,3 +434,17 @@ def attn_scale(model: Any, layer: int) -> float:
     if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
         s *= layer + 1
     return s
+
+
+def final_hook(model: Any) -> str:
+    """The hook holding the final normalised representation y = gamma * x_hat + beta.
+
+    TL 2.x HookedTransformer's ``ln_final.hook_normalized`` is the layer norm's output,
+    but on TL 4.x bridges it is taken before gamma and beta (x_hat only); the bridge's
+    ``ln_final.hook_out`` is the output. Models without a final norm: the last resid_post.
+    """
+    if getattr(model.cfg, "normalization_type", None) is None:
+        return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    if is_bridge(model):
+        return "ln_final.hook_out"
+    return "ln_final.hook_normalized"
