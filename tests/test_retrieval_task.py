@@ -129,6 +129,16 @@ def test_seeded_and_strings():
     assert torch.equal(lp.to_tokens(model, text)[0], a.tokens[0])
 
 
+def test_config_round_trip_through_json():
+    import json
+
+    task = RetrievalTask(hops={2: 0.25, 4: 0.75}, n_statements=6, separator=None, order="shuffled")
+    again = RetrievalTask(**json.loads(json.dumps(task.config())))
+    a = task.sample(5, torch.Generator().manual_seed(4))
+    b = again.sample(5, torch.Generator().manual_seed(4))
+    assert again.vocab == task.vocab and torch.equal(a.tokens, b.tokens)
+
+
 def test_bad_configurations_raise_clear_errors():
     with pytest.raises(lp.InputError, match="n_statements"):
         RetrievalTask(hops=5, n_statements=3)
