@@ -42,6 +42,7 @@ __all__ = [
     "depth_study",
     "query_accuracy",
     "k_composition",
+    "composition",
 ]
 
 BASELINES = ("previous", "same_token", "bos", "self")
@@ -149,18 +150,33 @@ def hop_scores(model: Any, batch: Batch, *, target: str = "rhs") -> HopScores:
 
 
 # --------------------------------------------------------------------------- composition
-def k_composition(model: Any, src: tuple[int, int], dst: tuple[int, int]) -> float:
-    """K-composition score of head ``src`` into the keys of later head ``dst``.
+def composition(model: Any, src: tuple[int, int], dst: tuple[int, int], kind: str = "K") -> float:
+    """Composition score of head ``src`` into later head ``dst`` (Elhage et al., 2021).
 
-    Elhage et al. (2021): ||W_QK^dst (W_OV^src)^T||_F / (||W_QK^dst||_F ||W_OV^src||_F),
-    with TransformerLens's row convention OV = W_V W_O and QK = W_Q W_K^T (the score is
-    x_q QK x_k^T, and the key input contains x_src OV). Uses the weights as stored
-    (layer-norm scales not folded in unless the model was processed).
+    TransformerLens's row convention: the residual gains x OV_src (OV = W_V W_O) and the
+    later head scores r_q QK r_k^T (QK = W_Q W_K^T). With C the composed matrix,
+    score = ||C||_F / (||OV_src||_F ||M_dst||_F), where
+      K: C = QK_dst OV_src^T (src output feeds the keys),
+      Q: C = OV_src QK_dst   (... the queries),
+      V: C = OV_src OV_dst   (... the values).
+    Uses the weights as stored (layer-norm scales not folded in unless processed).
     """
     (l1, h1), (l2, h2) = src, dst
-    ov = (model.W_V[l1, h1] @ model.W_O[l1, h1]).detach().double()
-    qk = (model.W_Q[l2, h2] @ model.W_K[l2, h2].T).detach().double()
-    return float(torch.linalg.norm(qk @ ov.T) / (torch.linalg.norm(qk) * torch.linalg.norm(ov)))
+    ov1 = (model.W_V[l1, h1] @ model.W_O[l1, h1]).detach().double()
+    if kind in ("K", "Q"):
+        m2 = (model.W_Q[l2, h2] @ model.W_K[l2, h2].T).detach().double()
+        comp = m2 @ ov1.T if kind == "K" else ov1 @ m2
+    elif kind == "V":
+        m2 = (model.W_V[l2, h2] @ model.W_O[l2, h2]).detach().double()
+        comp = ov1 @ m2
+    else:
+        raise InputError(f"kind must be 'K', 'Q' or 'V', got {kind!r}.")
+    return float(torch.linalg.norm(comp) / (torch.linalg.norm(m2) * torch.linalg.norm(ov1)))
+
+
+def k_composition(model: Any, src: tuple[int, int], dst: tuple[int, int]) -> float:
+    """K-composition score: :func:`composition` with ``kind='K'``."""
+    return composition(model, src, dst, "K")
 
 
 # --------------------------------------------------------------------------- ablation
@@ -198,7 +214,9 @@ class StackedHeads:
                   already holds a longer resolved segment) has hops 1, 1, 1: see
                   ``resolves`` in each entry and :attr:`functional_order`.
     k_composition: K-composition score between consecutive stack entries, and
-                  k_composition_baseline the mean over all head pairs of the same layers.
+                  k_composition_baseline the mean over all head pairs of the same layers;
+                  compositions: K, Q and V scores with their baselines per consecutive
+                  pair (:func:`composition`).
     clean_accuracy: accuracy per difficulty; ablation: head name -> {difficulty:
                   accuracy drop} when that head's output (hook_z) is zero/mean-ablated.
     example:      one sequence for the views: tokens (strings), patterns of the stack's
@@ -214,6 +232,7 @@ class StackedHeads:
     increasing: bool
     k_composition: list[float]
     k_composition_baseline: list[float]
+    compositions: list[dict[str, Any]]
     clean_accuracy: dict[int, float]
     ablation: dict[str, dict[int, float]]
     ablation_mode: str
@@ -404,7 +423,7 @@ def stacked_heads(
     baselines; the *stack* takes each layer's best specialist, and is *increasing* when
     its hops rise with layer. Between consecutive stack heads the K-composition score
     (:func:`k_composition`) is reported with the mean over all head pairs of those layers
-    as a baseline. ``ablation`` ('mean', 'zero' or None) ablates the output (hook_z) of
+    as a baseline (Q and V composition in ``compositions``). ``ablation`` ('mean', 'zero' or None) ablates the output (hook_z) of
     each stack head (``ablate='stack'``) or every head (``'all'``) and records the
     accuracy drop per difficulty; each stack entry then also gets ``resolves``, the
     smallest difficulty whose accuracy falls by >= ``min_drop`` without the head (its
@@ -441,11 +460,18 @@ def stacked_heads(
                 stack.append(dict(layer=l, head=h, name=head_name(l, h),
                                   hop=int(best_hop[l, h]), score=float(best_score[l, h])))
         increasing = len(stack) >= 2 and all(a["hop"] < b["hop"] for a, b in zip(stack, stack[1:]))
-        kc, kc_base = [], []
+        kc, kc_base, comps = [], [], []
         for a, b in zip(stack, stack[1:]):
-            kc.append(k_composition(model, (a["layer"], a["head"]), (b["layer"], b["head"])))
-            kc_base.append(sum(k_composition(model, (a["layer"], h1), (b["layer"], h2))
-                               for h1 in range(H) for h2 in range(H)) / (H * H))
+            src, dst = (a["layer"], a["head"]), (b["layer"], b["head"])
+            row = {}
+            for kind in ("K", "Q", "V"):
+                row[kind] = composition(model, src, dst, kind)
+                row[f"{kind}_baseline"] = sum(
+                    composition(model, (a["layer"], h1), (b["layer"], h2), kind)
+                    for h1 in range(H) for h2 in range(H)) / (H * H)
+            comps.append(dict(src=a["name"], dst=b["name"], **row))
+            kc.append(row["K"])
+            kc_base.append(row["K_baseline"])
         clean: dict[int, float] = {}
         drops: dict[str, dict[int, float]] = {}
         if ablation is not None:
@@ -470,8 +496,8 @@ def stacked_heads(
         query_refs=[int(p) for p in ex_refs],
     )
     return StackedHeads(hs.scores, hs.baselines, best_hop, best_score, specialist, stack,
-                        increasing, kc, kc_base, clean, drops, ablation or "none", threshold,
-                        target, ex)
+                        increasing, kc, kc_base, comps, clean, drops, ablation or "none",
+                        threshold, target, ex)
 
 
 def _str_tokens(model: Any, toks: torch.Tensor) -> list[str]:
@@ -511,7 +537,7 @@ class Emergence:
     order:        heads sorted by emergence step (ties broken by layer).
     loss:         [C, n_difficulties] eval loss per difficulty; difficulties their labels.
     loss_drop_at: difficulty -> first step from which its loss stays <= drop_fraction x
-                  its loss at the first checkpoint.
+                  its plateau (its largest loss after the first checkpoint).
     """
 
     steps: list[int]
@@ -578,6 +604,20 @@ def _stays_from(values: Sequence[float], steps: Sequence[int], ok: Any) -> int |
     return at
 
 
+def _loss_drops(loss: torch.Tensor, steps: Sequence[int], diffs: Sequence[int],
+                drop_fraction: float) -> dict[int, int]:
+    """Difficulty -> first step from which loss[:, n] stays <= drop_fraction x plateau."""
+    drop = {}
+    for n, d in enumerate(diffs):
+        # the plateau: an untrained model's first loss (~log vocab) falls within a few
+        # steps to guessing among the values in context; the drop that matters is below that
+        ref = float(loss[1:, n].max()) if len(steps) > 1 else float(loss[0, n])
+        at = _stays_from(loss[:, n].tolist(), steps, lambda v: v <= drop_fraction * ref)
+        if at is not None:
+            drop[d] = at
+    return drop
+
+
 def _checkpoint_models(checkpoints: Any) -> list[tuple[int, Any]]:
     from .training import TrainResult
 
@@ -617,7 +657,9 @@ def emergence(
     ``batch`` are computed. A head's role is its best hop at the last checkpoint; it
     *emerges* at the first checkpoint from which its score on that hop stays >=
     ``threshold``. Difficulty d's loss *drops* at the first checkpoint from which it
-    stays <= ``drop_fraction`` x its value at the first checkpoint.
+    stays <= ``drop_fraction`` x its plateau, the largest loss after the first
+    checkpoint (the first one, often an untrained model, sits at ~log(d_vocab) and is
+    left far behind within a few steps by guessing among the values in context).
     """
     batch = _require_retrieval_batch(batch)
     models = _checkpoint_models(checkpoints)
@@ -648,12 +690,7 @@ def emergence(
                 emerged[head_name(l, h)] = at
     order = sorted(emerged, key=lambda n: (emerged[n], n))
     loss = torch.tensor(losses, dtype=torch.float64)
-    drop = {}
-    for n, d in enumerate(diffs):
-        ref = float(loss[0, n])
-        at = _stays_from(loss[:, n].tolist(), steps, lambda v: v <= drop_fraction * ref)
-        if at is not None:
-            drop[d] = at
+    drop = _loss_drops(loss, steps, diffs, drop_fraction)
     return Emergence(steps, role, best_idx + 1, emerged, order, loss, diffs, drop, threshold)
 
 

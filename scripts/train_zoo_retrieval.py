@@ -42,13 +42,15 @@ EXP_MODEL = dict(n_heads=4, d_model=64, attn_only=True, positional="rotary")
 EXP_TRAIN = dict(lr=3e-3, batch_size=128, warmup=50, eval_every=50, eval_batch_size=256)
 
 
-def experiments(path: str, steps: int, seeds=(0, 1, 2)) -> None:
+def experiments(path: str, steps: int, seeds=(0, 1, 2), only: str | None = None) -> None:
     out: dict = {"task": EXP_TASK, "model": EXP_MODEL, "train": dict(EXP_TRAIN, steps=steps),
                  "runs": []}
     eval_task = RetrievalTask(**EXP_TASK)
     probe = eval_task.sample(256, torch.Generator().manual_seed(4242))
     fresh = eval_task.sample(2048, torch.Generator().manual_seed(777))
     for supervision, layers in (("curriculum", 1), ("curriculum", 3), ("final", 3)):
+        if only is not None and f"{supervision}:{layers}" not in only.split(","):
+            continue
         task = RetrievalTask(**dict(EXP_TASK, supervision=supervision))
         for seed in seeds:
             t0 = time.perf_counter()
@@ -69,6 +71,9 @@ def experiments(path: str, steps: int, seeds=(0, 1, 2)) -> None:
                 df = em.to_dataframe().set_index("name")
                 run["best_hop"] = {n: int(df.loc[n, "best_hop"]) for n in em.order}
                 run["loss_drop_at"] = em.loss_drop_at
+                run["accuracy_history"] = [{k: round(v, 3) for k, v in r.items()
+                                            if k == "step" or k.startswith(("acc_", "loss_"))}
+                                           for r in res.history]
                 st = lp.stacked_heads(model, probe)
                 run["stack"] = st.stack
             print(json.dumps(run), flush=True)
@@ -94,11 +99,12 @@ def main() -> None:
     ap.add_argument("--from-phase1", default=None,
                     help="skip phase 1: load the model and card it wrote (path without suffix)")
     ap.add_argument("--experiments", default=None, help="run the checks, write JSON here")
-    ap.add_argument("--exp-steps", type=int, default=1200)
+    ap.add_argument("--exp-steps", type=int, default=1000)
+    ap.add_argument("--exp-only", default=None, help="e.g. 'curriculum:3,final:3'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.experiments:
-        experiments(args.experiments, args.exp_steps)
+        experiments(args.experiments, args.exp_steps, only=args.exp_only)
         return
 
     task = RetrievalTask(**TASK)

@@ -76,10 +76,22 @@ def test_hop_scores_match_loops(task, batch):
 
 def test_k_composition_matches_factored_matrices(task):
     model = model_for(task, seed=5)
+    with torch.no_grad():
+        _compositions(model)
+
+
+def _compositions(model):
+    """K, Q and V composition through TransformerLens's FactoredMatrix products."""
     for (l1, h1), (l2, h2) in [((0, 0), (1, 1)), ((0, 1), (1, 0))]:
         comp = model.QK[l2, h2] @ model.OV[l1, h1].T  # FactoredMatrix product
         expected = comp.norm() / (model.QK[l2, h2].norm() * model.OV[l1, h1].norm())
         assert stacking.k_composition(model, (l1, h1), (l2, h2)) == pytest.approx(float(expected), rel=1e-8)
+        q = model.OV[l1, h1] @ model.QK[l2, h2]
+        v = model.OV[l1, h1] @ model.OV[l2, h2]
+        assert stacking.composition(model, (l1, h1), (l2, h2), "Q") == pytest.approx(
+            float(q.norm() / (model.OV[l1, h1].norm() * model.QK[l2, h2].norm())), rel=1e-8)
+        assert stacking.composition(model, (l1, h1), (l2, h2), "V") == pytest.approx(
+            float(v.norm() / (model.OV[l1, h1].norm() * model.OV[l2, h2].norm())), rel=1e-8)
 
 
 def _manual_ablated_accuracy(model, batch, layer, head, mode):
@@ -175,6 +187,9 @@ def test_stays_from_and_emergence_on_known_sequence(task, batch):
     steps = [0, 1, 2, 3, 4]
     assert stacking._stays_from([0.1, 0.5, 0.2, 0.6, 0.7], steps, lambda v: v >= 0.3) == 3
     assert stacking._stays_from([0.1, 0.2, 0.2, 0.1, 0.2], steps, lambda v: v >= 0.3) is None
+    # loss drops below half its plateau (largest loss after the first checkpoint) for good
+    loss = torch.tensor([[3.0, 3.0], [1.0, 1.2], [0.9, 0.5], [0.4, 0.7], [0.3, 0.2]])
+    assert stacking._loss_drops(loss, steps, [1, 2], 0.5) == {1: 3, 2: 4}
     # a model with zero queries attends uniformly; swapping in another model at step 10
     # makes exactly the heads whose score was below the threshold before emerge at 10
     sharp = model_for(task, seed=0)
