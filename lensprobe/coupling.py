@@ -123,7 +123,8 @@ class BlockJacobians:
                              of one input token; zero for t2 < token under a causal mask);
         kind 'fixed_output': J^{layers[i]}_{t1, token} with t1 = positions[p].
     tokens:    [batch, pos] the prompts; ``str_tokens`` their strings when known.
-    method:    how they were computed ('separable', 'per_token', 'jvp', 'vjp').
+    method:    how they were computed ('separable', 'per_token', 'jvp', 'vjp'; joined with
+               '+' when layers differ, e.g. 'separable+per_token' after a fallback).
     """
 
     jacobians: torch.Tensor
@@ -429,7 +430,7 @@ def block_jacobians(
     with guard(model):
         pres = capture_acts(model, toks, [f"blocks.{l}.hook_resid_pre" for l in layer_list])
         jacs = None
-        used = method
+        used: list[str] = []
         gen = torch.Generator().manual_seed(0)
         for li, l in _progress(enumerate(layer_list), len(layer_list), "block Jacobians", progress):
             x = pres[f"blocks.{l}.hook_resid_pre"].detach()
@@ -439,19 +440,22 @@ def block_jacobians(
                 tangents[torch.arange(d), :, fixed, torch.arange(d)] = 1.0
                 cols = jvp_cols(_block_fn(model, toks, l), x, tangents, chunk_size=chunk_size)
                 jac = cols[:, :, pos_list].permute(1, 2, 3, 0)  # [b, p, i, j]
-                used = "jvp"
+                used.append("jvp")
             elif output_token is not None:
                 g = _vjp_units(_block_fn(model, toks, l), x, [fixed], chunk_size, max_memory_mb)
                 jac = g[:, :, pos_list].permute(1, 2, 0, 3)  # [b, p(t1), i, j]
-                used = "vjp"
+                used.append("vjp")
             else:
                 jac = None
                 if method in ("auto", "separable"):
-                    jac, used = _diag_separable(model, toks, l, x, pos_list, chunk_size,
-                                                max_memory_mb, gen, method)
-                if jac is None:
+                    jac = _diag_separable(model, toks, l, x, pos_list, chunk_size,
+                                          max_memory_mb, gen, method)
+                    used.append("separable")
+                if jac is None:  # asked for, or the separable check failed (warned)
                     jac = _diag_per_token(model, toks, l, x, pos_list, chunk_size, max_memory_mb)
-                    used = "per_token"
+                    if method != "per_token":
+                        used.pop()  # the separable attempt fell back
+                    used.append("per_token")
             check_finite(jac, f"the block Jacobians of layer {l}")
             if jacs is None:  # filled layer by layer: the full array exists once
                 jacs = jac.new_empty((jac.shape[0], len(layer_list), *jac.shape[1:]))
@@ -459,7 +463,7 @@ def block_jacobians(
             del jac
     kind = "diagonal" if fixed is None else "fixed_input" if input_token is not None else "fixed_output"
     return BlockJacobians(jacs, kind, tuple(layer_list), tuple(pos_list), fixed, toks.detach().cpu(),
-                          used, _str_tokens(model, toks))
+                          "+".join(dict.fromkeys(used)), _str_tokens(model, toks))
 
 
 def _diag_separable(model, toks, l, x, pos_list, chunk_size, max_memory_mb, gen, method):
@@ -473,7 +477,7 @@ def _diag_separable(model, toks, l, x, pos_list, chunk_size, max_memory_mb, gen,
             jac = g[:, :, pos_list].permute(1, 2, 0, 3)  # [b, p, i, j]: row i of J_tt
             err = _check_separable(model, toks, l, x, jac, pos_list, gen)
             if err <= _tolerance(x.dtype):
-                return jac, "separable"
+                return jac
         except LensprobeError:
             raise
         except (RuntimeError, KeyError) as e:  # an attention the surgery does not fit
@@ -490,7 +494,7 @@ def _diag_separable(model, toks, l, x, pos_list, chunk_size, max_memory_mb, gen,
         f"layer {l}: separable Jacobians unavailable ({why}); using the per-token method.",
         stacklevel=3,
     )
-    return None, "per_token"
+    return None
 
 
 def _diag_per_token(model, toks, l, x, pos_list, chunk_size, max_memory_mb):
