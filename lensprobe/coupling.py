@@ -354,6 +354,19 @@ def _vjp_units(fn: Callable, x: torch.Tensor, positions: Sequence[int], chunk_si
     return torch.cat(outs)
 
 
+def _jvp_chunk(model: Any, x: torch.Tensor, chunk_size: int | None,
+               max_memory_mb: float | None) -> int | None:
+    """Tangents per forward-mode chunk: each carries about one block's activations
+    (residual-sized tensors, the MLP hidden layer and the attention scores) as duals."""
+    if chunk_size is not None or max_memory_mb is None:
+        return chunk_size
+    b, n, d = x.shape
+    cfg = model.cfg
+    d_mlp = getattr(cfg, "d_mlp", None) or 0
+    per = x.element_size() * b * n * (12 * d + 3 * d_mlp + 3 * cfg.n_heads * n)
+    return max(1, int(max_memory_mb * 2**20 // per))
+
+
 def _check_separable(model: Any, toks: torch.Tensor, layer: int, x: torch.Tensor,
                      jac: torch.Tensor, positions: Sequence[int], gen: torch.Generator) -> float:
     """Relative error of the separable J_tt against one plain backward pass at two positions."""
@@ -408,7 +421,8 @@ def block_jacobians(
 
     ``tokens``: [batch, pos] ids (or [pos], or text); all prompts are processed together.
     Backward passes run in chunks so one chunk's autograd working set stays under
-    ``max_memory_mb`` (or ``chunk_size`` cotangents at a time). Returns a
+    ``max_memory_mb`` (or ``chunk_size`` cotangents at a time); forward-mode chunks are
+    sized from an estimate of one block's activations per tangent. Returns a
     :class:`BlockJacobians` with ``jacobians`` of shape [batch, layers, positions, d, d]
     in the model's dtype.
     """
@@ -438,7 +452,8 @@ def block_jacobians(
                 d = x.shape[-1]
                 tangents = torch.zeros((d, *x.shape), dtype=x.dtype, device=x.device)
                 tangents[torch.arange(d), :, fixed, torch.arange(d)] = 1.0
-                cols = jvp_cols(_block_fn(model, toks, l), x, tangents, chunk_size=chunk_size)
+                cols = jvp_cols(_block_fn(model, toks, l), x, tangents,
+                                chunk_size=_jvp_chunk(model, x, chunk_size, max_memory_mb))
                 jac = cols[:, :, pos_list].permute(1, 2, 3, 0)  # [b, p, i, j]
                 used.append("jvp")
             elif output_token is not None:

@@ -204,6 +204,9 @@ def test_chunking_and_memory_bound_do_not_change_results(tiny):
     assert torch.equal(a.jacobians, b.jacobians) or _rel(a.jacobians, b.jacobians) < 1e-13
     assert _rel(a.jacobians, c.jacobians) < 1e-13
     assert _rel(d.jacobians[:, :, 3], a.jacobians[:, :, 3]) < 1e-12
+    e = lp.block_jacobians(model, toks, layers=[1], input_token=2, max_memory_mb=0.05, progress=False)
+    f = lp.block_jacobians(model, toks, layers=[1], input_token=2, progress=False)
+    assert _rel(e.jacobians, f.jacobians) < 1e-13 and _rel(e.jacobians[:, :, 2], a.jacobians[:, :, 2]) < 1e-12
     # every prompt is computed on its own forward pass: batching changes nothing
     single = lp.block_jacobians(model, toks[1:], layers=[1], progress=False)
     assert _rel(single.jacobians[0], a.jacobians[1]) < 1e-12
