@@ -14,6 +14,10 @@ import torch
 
 import lensprobe as lp
 
+# The suite's models are tiny: one thread avoids OpenMP overhead that made small ops
+# 10-50x slower on the 2-core machines, and lets `make test` run both backends at once.
+torch.set_num_threads(int(os.environ.get("LENSPROBE_TEST_THREADS", "1")))
+
 
 def state_fingerprint(model: torch.nn.Module) -> dict:
     """Everything an extractor must leave untouched: weights, modes, grad flags, hooks."""
