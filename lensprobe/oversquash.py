@@ -295,7 +295,7 @@ def sensitivity(
     return out
 
 
-_BLOCK_BYTES = 256 * 2**20
+_DEFAULT_BLOCK = 8
 
 
 def _exact_rows(
@@ -304,12 +304,14 @@ def _exact_rows(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sum over output rows of ``||e_r^T J_i||^2`` -> [B, N]; spectral norms if asked.
 
-    Rows are processed in blocks whose gradients fit in ~256 MB (one forward per block,
-    usually a single block), each block through the core's batched ``vjp_rows``.
+    Rows go through the core's batched ``vjp_rows`` in blocks of ``chunk_size`` (default
+    8) cotangents, one forward per block, and only the squared norms are kept, so the
+    memory is the forward graph plus one block's backward (a forward costs about as much
+    as one of the d backward passes, so the extra forwards add ~1/chunk). ``spectral``
+    keeps every row (the full Jacobian) in a single block.
     """
     B = x0.shape[0]
-    per_row = x0.numel() * x0.element_size()
-    block = D if spectral else max(1, min(D, _BLOCK_BYTES // max(per_row, 1)))
+    block = D if spectral else min(D, chunk_size or _DEFAULT_BLOCK)
     sq = torch.zeros(x0.shape[:-1], dtype=torch.float64, device=x0.device)
     rows = []
     starts = range(0, D, block)
