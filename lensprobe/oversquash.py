@@ -29,6 +29,7 @@ from .core import capture_acts, guard, hooked_fn, run_hooked, vjp_rows
 from .errors import InputError
 from .inputs import check_finite, check_hook, model_dtype, to_tokens
 from .models import vocab_of
+from .tasks.counting import insert_separators
 
 __all__ = [
     "sensitivity",
@@ -539,19 +540,10 @@ def pair_sequences(
     if separator is not None:
         if not isinstance(every, int) or every < 1:
             raise InputError(f"separator needs every=<positive int>, got every={every!r}.")
-        a, b = _separate(a, separator, every), _separate(b, separator, every)
+        a, b = insert_separators(a, separator, every), insert_separators(b, separator, every)
     if bos is not None:
         a, b = [bos] + a, [bos] + b
     return a, b
-
-
-def _separate(items: list[int], sep: int, every: int) -> list[int]:
-    out: list[int] = []
-    for k, t in enumerate(items, 1):
-        out.append(t)
-        if k % every == 0 and k < len(items):
-            out.append(sep)
-    return out
 
 
 def _distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from ..errors import InputError
 from .base import IGNORE, Batch
 
-__all__ = ["CopyTask", "CountTask", "counting_vocab"]
+__all__ = ["CopyTask", "CountTask", "counting_vocab", "insert_separators"]
 
 _SPECIALS = ["<pad>", "<bos>", ",", "first?", "last?", "count?"]
 
@@ -43,7 +43,8 @@ def counting_vocab(max_count: int = 1) -> list[str]:
     return _SPECIALS + [str(k) for k in range(max(1, max_count) + 1)]
 
 
-def _separate(items: list[int], sep: int, every: int | None) -> list[int]:
+def insert_separators(items: list[int], sep: int, every: int | None) -> list[int]:
+    """``sep`` after every ``every`` items, never at the end (``every=None``: unchanged)."""
     if not every:
         return list(items)
     out: list[int] = []
@@ -83,7 +84,7 @@ class _CountingBase:
         self.seq_len = int(self.bos) + self.max_len + n_sep + 1
 
     def _assemble(self, items: list[int], query: str) -> list[int]:
-        seq = ([self.id["<bos>"]] if self.bos else []) + _separate(
+        seq = ([self.id["<bos>"]] if self.bos else []) + insert_separators(
             items, self.id[","], self.separator_every
         )
         return seq + [self.id[query]]
