@@ -12,6 +12,7 @@ machines and TransformerLens backends).
     python scripts/train_zoo_retrieval.py            # writes lensprobe/zoo/retrieval.*
     python scripts/train_zoo_retrieval.py --out /tmp/r --seed 1
     python scripts/train_zoo_retrieval.py --experiments /tmp/exp.json   # the issue's checks
+    python scripts/train_zoo_retrieval.py --depth-study /tmp/depth.json  # layers x seeds grid
 
 ``--experiments`` runs the checks of the paper on a smaller task (chains of 1-2 hops,
 4 statements) with one budget for every run: 1 vs 3 layers (curriculum), final-answer
@@ -81,11 +82,28 @@ def experiments(path: str, steps: int, seeds=(0, 1, 2), only: str | None = None)
             Path(path).write_text(json.dumps(out, indent=1))
 
 
-def _literal_guess(task, batch) -> float:
-    """Accuracy of guessing uniformly among the literal values present in each sequence."""
+def run_depth_study(path: str, steps: int) -> None:
+    """lp.depth_study on the experiment task: layers 1-3 x seeds 0-2, one budget."""
+    task = RetrievalTask(**EXP_TASK)
+    model_kwargs = {k: v for k, v in EXP_MODEL.items()}
+    train_kwargs = {k: v for k, v in EXP_TRAIN.items() if k != "eval_every"}
+    res = lp.depth_study(task, layers=(1, 2, 3), seeds=(0, 1, 2), steps=steps,
+                         model_kwargs=model_kwargs, train_kwargs=train_kwargs, eval_batch_size=2048)
+    out = dict(config=res.config, layers=res.layers, seeds=res.seeds, hops=res.hops,
+               accuracy=res.accuracy.tolist(), mean=res.mean().tolist())
+    Path(path).write_text(json.dumps(out, indent=1))
+    res.plot().savefig(Path(path).with_suffix(".png"), dpi=90)
+    print(json.dumps(out))
+
+
+def _literal_guess(task, batch) -> dict[int, float]:
+    """Per chain length D: accuracy of guessing uniformly among the literal values present."""
     lo, hi = task.value_offset, task.value_offset + task.n_values
-    per_seq = [1.0 / len({int(t) for t in row if lo <= int(t) < hi}) for row in batch.tokens]
-    return sum(per_seq) / len(per_seq)
+    out = {}
+    for D in sorted(set(batch.info["main_hops"].tolist())):
+        rows = [r for r, d in zip(batch.tokens, batch.info["main_hops"]) if int(d) == D]
+        out[D] = sum(1.0 / len({int(t) for t in r if lo <= int(t) < hi}) for r in rows) / len(rows)
+    return out
 
 
 def main() -> None:
@@ -101,10 +119,14 @@ def main() -> None:
     ap.add_argument("--experiments", default=None, help="run the checks, write JSON here")
     ap.add_argument("--exp-steps", type=int, default=1000)
     ap.add_argument("--exp-only", default=None, help="e.g. 'curriculum:3,final:3'")
+    ap.add_argument("--depth-study", default=None, help="run lp.depth_study, write JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.experiments:
         experiments(args.experiments, args.exp_steps, only=args.exp_only)
+        return
+    if args.depth_study:
+        run_depth_study(args.depth_study, args.exp_steps)
         return
 
     task = RetrievalTask(**TASK)
