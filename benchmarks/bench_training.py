@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+import timeit
 from pathlib import Path
 
 import torch
@@ -29,12 +30,7 @@ import train_zoo_retrieval as zoo_script  # noqa: E402
 
 
 def best_of(fn, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(timeit.repeat(fn, number=1, repeat=repeat))
 
 
 def bare_loop(model, task, steps: int, batch_size: int, lr: float) -> None:

@@ -729,7 +729,8 @@ class DepthStudy:
         import matplotlib.pyplot as plt
 
         m = self.mean().numpy()
-        fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(self.hops), 1.2 + 0.6 * len(self.layers)))
+        fig, ax = plt.subplots(figsize=(max(4.5, 2.5 + 0.7 * len(self.hops)),
+                                        1.8 + 0.6 * len(self.layers)))
         im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
         ax.set_xticks(range(len(self.hops)), [str(h) for h in self.hops])
         ax.set_yticks(range(len(self.layers)), [str(l) for l in self.layers])
@@ -748,7 +749,7 @@ class DepthStudy:
                 xs += [last + 0.5, last + 0.5]
                 ys += [a - 0.5, a + 0.5]
             ax.plot(xs, ys, style, lw=2, label=label)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.15, 1))
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
         fig.colorbar(im, ax=ax, fraction=0.05)
         fig.tight_layout()
         return fig

@@ -61,7 +61,7 @@ def experiments(path: str, steps: int, seeds=(0, 1, 2), only: str | None = None)
             res = lp.train(model, task, steps=steps, seed=seed, checkpoint_steps=ckpts,
                            progress=False, **EXP_TRAIN)
             qa = lp.query_accuracy(model, fresh)
-            literal_guess = _literal_guess(eval_task, fresh)
+            literal_guess = eval_task.literal_guess(fresh)
             run = dict(supervision=supervision, layers=layers, seed=seed,
                        query_accuracy=qa, literal_guess_baseline=literal_guess,
                        seconds=round(time.perf_counter() - t0, 1))
@@ -94,16 +94,6 @@ def run_depth_study(path: str, steps: int) -> None:
     Path(path).write_text(json.dumps(out, indent=1))
     res.plot().savefig(Path(path).with_suffix(".png"), dpi=90)
     print(json.dumps(out))
-
-
-def _literal_guess(task, batch) -> dict[int, float]:
-    """Per chain length D: accuracy of guessing uniformly among the literal values present."""
-    lo, hi = task.value_offset, task.value_offset + task.n_values
-    out = {}
-    for D in sorted(set(batch.info["main_hops"].tolist())):
-        rows = [r for r, d in zip(batch.tokens, batch.info["main_hops"]) if int(d) == D]
-        out[D] = sum(1.0 / len({int(t) for t in r if lo <= int(t) < hi}) for r in rows) / len(rows)
-    return out
 
 
 def main() -> None:

@@ -129,6 +129,21 @@ def test_seeded_and_strings():
     assert torch.equal(lp.to_tokens(model, text)[0], a.tokens[0])
 
 
+def test_literal_guess_counts_distinct_literals():
+    task = RetrievalTask(hops=[1, 2], n_statements=4, n_vars=8, separator=None)
+    batch = task.sample(300, torch.Generator().manual_seed(6))
+    got = task.literal_guess(batch)
+    for D in (1, 2):
+        vals = []
+        for b in range(300):
+            if batch.info["main_hops"][b] != D:
+                continue
+            words = task.str_tokens(batch.tokens[b])
+            literals = {w for w in words if w.isdigit()}
+            vals.append(1 / len(literals))
+        assert got[D] == pytest.approx(sum(vals) / len(vals))
+
+
 def test_config_round_trip_through_json():
     import json
 

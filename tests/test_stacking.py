@@ -219,7 +219,8 @@ def test_stays_from_and_emergence_on_known_sequence(task, batch):
                 want = 0 if hs_flat.scores[l, h, k] >= thr else 10
             assert em2.emerged_at.get(f"L{l}H{h}") == want
     # losses per difficulty: plain cross-entropy at the supervised positions
-    logits = sharp(batch.tokens)
+    with torch.no_grad():
+        logits = sharp(batch.tokens)
     for n, d in enumerate(em2.difficulties):
         sel = (batch.targets != IGNORE) & (batch.difficulty == d)
         ce = torch.nn.functional.cross_entropy(logits[sel], batch.targets[sel])

@@ -289,9 +289,17 @@ class RetrievalTask:
             return list(self._hop_values)
         return list(range(0, self.max_hops + 1))
 
-    def chance(self) -> float:
-        """Accuracy of uniform guessing among the literal values."""
-        return 1.0 / self.n_values
+    def literal_guess(self, batch: Batch) -> dict[int, float]:
+        """Chance level per chain length D: the accuracy of answering the query with a value
+        drawn uniformly from the literal values present in the sequence (a model that has
+        learned "the answer is one of the literals" but no retrieval scores this)."""
+        lo, hi = self.value_offset, self.value_offset + self.n_values
+        lit = (batch.tokens >= lo) & (batch.tokens < hi)
+        onehot = torch.zeros(len(batch), len(self.vocab), dtype=torch.bool)
+        onehot.scatter_(1, torch.where(lit, batch.tokens, 0), lit)
+        guess = 1.0 / onehot.sum(1).double()
+        D = batch.info["main_hops"]
+        return {int(d): float(guess[D == d].mean()) for d in torch.unique(D)}
 
 
 def _hop_distribution(hops: Any) -> tuple[list[int], list[float]]:
