@@ -439,9 +439,12 @@ def attn_scale(model: Any, layer: int) -> float:
 def final_hook(model: Any) -> str:
     """The hook holding the final normalised representation y = gamma * x_hat + beta.
 
-    TL 2.x HookedTransformer's ``ln_final.hook_normalized`` is the layer norm's output,
-    but on TL 4.x bridges it is taken before gamma and beta (x_hat only); the bridge's
-    ``ln_final.hook_out`` is the output. Models without a final norm: the last resid_post.
+    TL 2.x HookedTransformer's ``ln_final.hook_normalized`` is LayerNorm's output, but on
+    TL 4.x bridges it is taken before gamma and beta (x_hat only); the bridge's
+    ``ln_final.hook_out`` is the output. Exception: HookedTransformer's RMSNorm fires
+    ``hook_normalized`` before its gain and has no hook after it, so there y = x_hat
+    (the gain is a fixed diagonal scaling). Models without a final norm: the last
+    resid_post.
     """
     if getattr(model.cfg, "normalization_type", None) is None:
         return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ._tl import final_hook
 from .core import capture_acts, guard, hooked_fn, run_hooked, vjp_rows
 from .errors import InputError
 from .inputs import check_finite, check_hook, model_dtype, to_tokens
@@ -55,17 +56,6 @@ _LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.f
 
 
 # --------------------------------------------------------------------------- helpers
-def final_hook(model: Any) -> str:
-    """The final normalised representation y: ``ln_final.hook_normalized``, or the last
-    ``blocks.{L-1}.hook_resid_post`` for models without a final norm."""
-    if (
-        getattr(model.cfg, "normalization_type", None) is not None
-        and "ln_final.hook_normalized" in model.hook_dict
-    ):
-        return "ln_final.hook_normalized"
-    return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-
-
 def _str_tokens(model: Any, tokens: torch.Tensor) -> list[list[str]]:
     vocab = vocab_of(model)
     return [[vocab[t] if vocab else str(t) for t in row.tolist()] for row in tokens]

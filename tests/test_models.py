@@ -145,3 +145,32 @@ def test_hub_name_without_network_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(lp.ModelError, match="could not load"):
         lp.load_model("lensprobe-no-such-org/no-such-model")
+
+
+@pytest.mark.parametrize("norm", ["LN", "RMS", None])
+def test_final_hook_is_gamma_xhat_plus_beta(norm):
+    """y = gamma * x_hat + beta on both backends (TL 4 bridges' hook_normalized is x_hat)."""
+    model = lp.tiny_model(n_layers=1, d_model=16, n_heads=2, d_vocab=10, n_ctx=8,
+                          dtype=torch.float64, normalization=norm, attn_only=True)
+    sd = lp._tl.portable_state_dict(model)
+    g = torch.Generator().manual_seed(0)
+    if norm is not None:
+        sd["ln_final.w"] = torch.randn(16, dtype=torch.float64, generator=g)
+    if norm == "LN":
+        sd["ln_final.b"] = torch.randn(16, dtype=torch.float64, generator=g)
+    lp._tl.load_portable_state_dict(model, sd)
+    hook = lp._tl.final_hook(model)
+    with lp.guard(model):
+        acts = lp.run_hooked(model, torch.tensor([[1, 2, 3]]), [hook, "blocks.0.hook_resid_post"],
+                             stop_early=False)
+    x = acts["blocks.0.hook_resid_post"]
+    if norm == "LN":
+        xc = x - x.mean(-1, keepdim=True)
+        want = xc / (xc.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt() * sd["ln_final.w"] + sd["ln_final.b"]
+    elif norm == "RMS":
+        want = x / (x.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+        if lp._tl.is_bridge(model):  # HookedTransformer's RMSNorm has no hook after its gain
+            want = want * sd["ln_final.w"]
+    else:
+        want = x
+    torch.testing.assert_close(acts[hook], want, rtol=1e-6, atol=1e-6)

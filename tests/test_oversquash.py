@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lensprobe as lp
+from lensprobe._tl import final_hook
 from lensprobe.oversquash import collapse_curve, path_bound, sensitivity
 
 SRC = "blocks.0.hook_resid_pre"
@@ -101,7 +102,7 @@ def test_exact_sensitivity_matches_per_row_autograd_loop(tiny, toks, positional)
     model = tiny(positional=positional)
     res = sensitivity(model, toks, per_layer=True, progress=False)
     assert res.targets == ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post",
-                           "ln_final.hook_normalized")
+                           final_hook(model))
     assert res.norms.shape == (3, 2, 7)
     for t, target in enumerate(res.targets):
         ref = _brute_norms(copy.deepcopy(model), toks, target, -1)
@@ -113,7 +114,7 @@ def test_exact_and_spectral_match_finite_differences(tiny, toks):
     res = sensitivity(model, toks, position=4, spectral=True, chunk_size=5, progress=False)
     probe = copy.deepcopy(model)
     for b, i in [(0, 0), (0, 4), (1, 2)]:
-        J = _fd_jacobian(probe, toks, "ln_final.hook_normalized", 4, b, i)
+        J = _fd_jacobian(probe, toks, final_hook(model), 4, b, i)
         assert math.isclose(float(res.profile[b, i]), float(torch.linalg.norm(J)), rel_tol=1e-6)
         s_max = float(torch.linalg.svdvals(J)[0])
         assert math.isclose(float(res.spectral[0, b, i]), s_max, rel_tol=1e-6)
@@ -333,8 +334,7 @@ def test_distances_and_low_precision_match_direct_runs(tiny, fingerprint):
                        precisions=("bfloat16",), progress=False)
     assert fingerprint(model) == before
     assert next(model.parameters()).dtype == torch.float32 and model.cfg.dtype == torch.float32
-    assert c.hooks == ("blocks.1.hook_resid_post", "ln_final.hook_normalized",
-                       "blocks.1.attn.hook_z")
+    assert c.hooks == ("blocks.1.hook_resid_post", final_hook(model), "blocks.1.attn.hook_z")
     ref = copy.deepcopy(model).to(torch.float64)
     low = copy.deepcopy(model).to(torch.bfloat16)
     for li, n in enumerate(lengths):
