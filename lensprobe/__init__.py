@@ -18,12 +18,32 @@ from .models import (
     word_tokenizer,
 )
 
-__version__ = "0.1.0"
-from . import tasks, views
-from .coupling import block_jacobians, coupling, coupling_metric, trajectory_metrics, coupling_through_training, CouplingTracker
-from .training import train, evaluate, TrainResult
-from . import zoo
-from .stacking import stacked_heads, emergence, depth_study, hop_scores, query_accuracy, StackedHeads, Emergence, DepthStudy
-from .smoothing import ov_spectrum, dominance, smoothing_profile, sign_controlled, flip_ln_gamma
-from .priority import TokenPriorityGraph, Retrieval, GraphSVM, InfeasibleError, graph_svm, head_W, priority_model, priority_loss, train_priority, PriorityAlignment, priority_alignment, AlignmentCurve, alignment_curve, retrieval_graph_view
+from . import tasks, views, zoo
+from .training import TrainResult, evaluate, train
+
+# 1. over-squashing and representational collapse (Barbero et al. 2024)
 from .oversquash import collapse_curve, path_bound, sensitivity
+
+# 2. OV eigenspectra and smoothing (Dovonon et al. 2025)
+from .smoothing import dominance, flip_ln_gamma, ov_spectrum, sign_controlled, smoothing_profile
+
+# 3. transformer block coupling (Aubry et al. 2025)
+from .coupling import (
+    CouplingTracker, block_jacobians, coupling, coupling_metric, coupling_through_training,
+    trajectory_metrics,
+)
+
+# 4. stacked attention heads and the retrieval problem (Musat 2025)
+from .stacking import (
+    DepthStudy, Emergence, StackedHeads, depth_study, emergence, hop_scores, query_accuracy,
+    stacked_heads,
+)
+
+# 5. hard retrieval over the token-priority graph (Li et al. 2024)
+from .priority import (
+    AlignmentCurve, GraphSVM, InfeasibleError, PriorityAlignment, Retrieval, TokenPriorityGraph,
+    alignment_curve, graph_svm, head_W, priority_alignment, priority_loss, priority_model,
+    retrieval_graph_view, train_priority,
+)
+
+__version__ = "0.1.0"
