@@ -163,11 +163,16 @@ def _table(df: Any, max_rows: int = 24) -> str:
     return df.head(max_rows).to_html(index=False, escape=True, float_format=lambda v: f"{v:.4g}")
 
 
+def _is_big(model: Any) -> bool:
+    """Models where exact all-position work would not fit the report's time budget."""
+    return model.cfg.d_model * model.cfg.n_layers > 4096
+
+
 def _oversquash(ctx: Context) -> Section:
     from .oversquash import collapse_curve, path_bound, sensitivity
 
     cfg = ctx.model.cfg
-    big = cfg.d_model * cfg.n_layers > 4096
+    big = _is_big(ctx.model)
     toks = ctx.tokens[:1, : 64 if big else None]
     method = "hutchinson" if big else "exact"
     sens = sensitivity(ctx.model, toks, method=method, progress=False)
@@ -207,10 +212,11 @@ def _oversquash(ctx: Context) -> Section:
 def _smoothing(ctx: Context) -> Section:
     from .smoothing import dominance, ov_spectrum, smoothing_profile
 
-    spec = ov_spectrum(ctx.model, progress=False)
-    dom = dominance(ctx.model, ctx.tokens, progress=False)
+    per_layer = not _is_big(ctx.model)  # the head sum's spectrum is a d x d eigensolve
+    spec = ov_spectrum(ctx.model, per_layer=per_layer, progress=False)
+    dom = dominance(ctx.model, ctx.tokens, per_layer=per_layer, progress=False)
     prof = smoothing_profile(ctx.model, ctx.tokens)
-    readings = [str(r) for r in spec.layer_reading]
+    readings = [str(r) for r in spec.layer_reading] if per_layer else None
     frac_dc = float(dom.frac_dc.mean())
     hc = prof.mean("hc_dc")
     cos = prof.mean("cosine")
@@ -222,7 +228,9 @@ def _smoothing(ctx: Context) -> Section:
             f" prompts, and the profile tracks ||HC||/||DC|| and token cosine similarity with"
             f" depth. Here the DC (smoothing) mode dominates in {100 * frac_dc:.0f}% of"
             f" (input, layer, head) cases, and ||HC||/||DC|| goes from {float(hc[0]):.3g} to"
-            f" {float(hc[-1]):.3g} across depth: "
+            f" {float(hc[-1]):.3g} across depth"
+            + ("" if per_layer else " (per-head spectra only: the per-layer head sum needs"
+               " d x d eigensolves, skipped for a model this size)") + ": "
             + ("the residual stream is being smoothed." if float(hc[-1]) < float(hc[0])
                else "no smoothing: token representations stay distinct.")
         ),
@@ -237,15 +245,16 @@ def _smoothing(ctx: Context) -> Section:
 def _coupling(ctx: Context) -> Section:
     from .coupling import coupling, trajectory_metrics
 
-    toks = ctx.tokens[:2]
+    big = _is_big(ctx.model)
+    toks = ctx.tokens[:1, :32] if big else ctx.tokens[:2]
     n = toks.shape[1]
-    positions = sorted({n - 1, n // 2, 0}) if n > 32 else None
+    positions = sorted({n - 1, n // 2, 0}) if n > 32 or big else None
     coup = coupling(ctx.model, toks, positions=positions, progress=False)
     traj = trajectory_metrics(ctx.model, toks)
     scalar = coup.scalar()
     summary = traj.summary()
-    note = (f" (Jacobians at positions {positions} of {n}, not all positions, to bound time)"
-            if positions is not None else "")
+    note = (f" (Jacobians at positions {positions} of {n}-token prompts, {toks.shape[0]}"
+            " prompt(s), to bound time)" if positions is not None else "")
     return Section(
         "coupling", "Transformer block coupling",
         text=(
