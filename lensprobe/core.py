@@ -104,17 +104,21 @@ def run_hooked(
     """Run ``model`` on ``tokens``, replacing activations at ``inject`` and returning ``capture``.
 
     ``inject`` maps a hook name to a tensor (it replaces the activation there, broadcast
-    rules of the hook's shape apply) or to a function of the activation. With
+    rules of the hook's shape apply) or to a function of the activation. ``capture`` may
+    include ``"logits"``, the model's output (then the whole forward pass runs). With
     ``stop_early`` the forward pass ends once every captured activation has been seen.
     Call this inside :func:`guard` (the extractors do) so gradients flow only to injected
     tensors. ``check=True`` raises NonFiniteError if a captured activation is NaN/inf.
     """
     inject = dict(inject or {})
     capture = list(capture)
+    want_logits = "logits" in capture
+    capture = [c for c in capture if c != "logits"]
     for name in list(inject) + capture:
         check_hook(model, name)
     out: dict[str, torch.Tensor] = {}
     wanted = set(capture)
+    stop_early = stop_early and not want_logits
 
     def make_inject(value: Any) -> Callable:
         def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -141,6 +145,8 @@ def run_hooked(
         pass
     else:
         out.setdefault("logits", logits)
+    if want_logits:
+        capture.append("logits")
     missing = wanted - out.keys()
     if missing:
         raise InputError(

@@ -178,3 +178,35 @@ def test_nan_activations_are_reported(tiny, fingerprint):
         with lp.guard(model):
             lp.run_hooked(model, torch.tensor([[1, 2, 3]]), ["blocks.1.hook_resid_post"], check=True)
     assert fingerprint(model) == before
+
+
+def _processed(model):
+    """TransformerLens's own weight processing: compatibility mode / process_weights_."""
+    if lp._tl.is_bridge(model):
+        model.enable_compatibility_mode(disable_warnings=True)
+    else:
+        model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+    return model
+
+
+def test_core_on_processed_models(tiny, fingerprint):
+    """Compatibility-mode bridges / folded HookedTransformers: same function, guard intact."""
+    raw = tiny(n_layers=2, d_model=12, n_heads=3)
+    toks = torch.tensor([[3, 1, 4, 1, 5]])
+    x0 = _x0(raw, toks)
+    processed = _processed(tiny(n_layers=2, d_model=12, n_heads=3))
+    assert lp._tl.is_folded(processed)
+    before = fingerprint(processed)
+    outs = []
+    for model in (raw, processed):
+        with lp.guard(model):
+            fn = lp.hooked_fn(model, toks, "blocks.0.hook_resid_pre", "logits",
+                              select=lambda y: y[:, -1].log_softmax(-1))
+            outs.append(fn(x0))
+            jac = lp.jacobian(fn, x0, chunk_size=4)
+            with torch.no_grad():
+                fd = _fd_jacobian(fn, x0)
+        torch.testing.assert_close(jac, fd, rtol=1e-5, atol=1e-6)
+    # folding and centring leave the model's function (log-probabilities) unchanged
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert fingerprint(processed) == before
