@@ -286,7 +286,7 @@ def sensitivity(
     return out
 
 
-_DEFAULT_BLOCK = 8
+_DEFAULT_CHUNK = 4
 
 
 def _exact_rows(
@@ -295,29 +295,22 @@ def _exact_rows(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sum over output rows of ``||e_r^T J_i||^2`` -> [B, N]; spectral norms if asked.
 
-    Rows go through the core's batched ``vjp_rows`` in blocks of ``chunk_size`` (default
-    8) cotangents, one forward per block, and only the squared norms are kept, so the
-    memory is the forward graph plus one block's backward (a forward costs about as much
-    as one of the d backward passes, so the extra forwards add ~1/chunk). ``spectral``
-    keeps every row (the full Jacobian) in a single block.
+    One forward pass, then the d unit cotangents through the core's ``vjp_rows`` in chunks
+    of ``chunk_size`` (default 4; 1 = plain backward passes), keeping only the running sum
+    of squared norms, so the memory is the forward graph plus one chunk's backward -- the
+    same as a per-row autograd loop. ``spectral`` keeps every row (the full Jacobian).
     """
     B = x0.shape[0]
-    block = D if spectral else min(D, chunk_size or _DEFAULT_BLOCK)
-    sq = torch.zeros(x0.shape[:-1], dtype=torch.float64, device=x0.device)
-    rows = []
-    starts = range(0, D, block)
-    for r0 in _progress(starts, progress and len(starts) > 1, "Jacobian rows"):
-        k = min(block, D - r0)
-        cot = torch.zeros(k, B, D, dtype=x0.dtype, device=x0.device)
-        cot[torch.arange(k), :, r0 + torch.arange(k)] = 1
-        g = vjp_rows(fn, x0, cot, chunk_size=chunk_size, max_memory_mb=max_memory_mb)
-        sq += g.pow(2).sum(-1).sum(0).double()
-        if spectral:
-            rows.append(g)
-    spec = None
-    if spectral:
-        J = torch.cat(rows)  # [D, B, N, d]
-        spec = torch.linalg.matrix_norm(J.permute(1, 2, 0, 3).double(), ord=2).cpu()
+    cot = torch.zeros(D, B, D, dtype=x0.dtype, device=x0.device)
+    cot[torch.arange(D), :, torch.arange(D)] = 1
+    cs = chunk_size or _DEFAULT_CHUNK
+    if not spectral:
+        sq = vjp_rows(fn, x0, cot, chunk_size=cs, max_memory_mb=max_memory_mb,
+                      reduce=lambda g: g.pow(2).sum(-1).sum(0).double())
+        return sq.cpu(), None
+    J = vjp_rows(fn, x0, cot, chunk_size=cs, max_memory_mb=max_memory_mb)  # [D, B, N, d]
+    sq = J.pow(2).sum(-1).sum(0).double()
+    spec = torch.linalg.matrix_norm(J.permute(1, 2, 0, 3).double(), ord=2).cpu()
     return sq.cpu(), spec
 
 
