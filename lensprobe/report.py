@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -94,12 +95,13 @@ def _task_for(zoo_name: str | None) -> Any | None:
 
 def _prompts(model: Any, task: Any | None, prompts: list[str] | None, n: int = 4):
     if prompts:
-        toks = torch.cat([to_tokens(model, p) for p in prompts[:1]])  # first prompt sets length
         rows = [to_tokens(model, p) for p in prompts]
-        if len({r.shape[1] for r in rows}) == 1:
-            toks = torch.cat(rows)
-        strs = [_str_tokens(model, r) for r in toks]
-        return toks, strs
+        if len({r.shape[1] for r in rows}) > 1:
+            warnings.warn("prompts of different lengths: the report analyses the first one only;"
+                          " pass prompts of equal token length to analyse them together.")
+            rows = rows[:1]
+        toks = torch.cat(rows)
+        return toks, [_str_tokens(model, r) for r in toks]
     if task is not None:
         batch = task.sample(n, torch.Generator().manual_seed(0))
         toks = batch.tokens.to(model_device(model))

@@ -62,6 +62,21 @@ def test_report_on_a_user_checkpoint_uses_the_induction_scan(tmp_path):
     assert "no retrieval task" in stacking.text
 
 
+def test_report_on_user_prompts(tmp_path):
+    vocab = [f"w{i}" for i in range(20)]
+    model = lp.tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=20, n_ctx=32, vocab=vocab)
+    path = lp.save_checkpoint(model, tmp_path / "words.safetensors")
+    res = report.run_report(str(path), prompts=["w1 w2 w3 w4", "w4 w3 w2 w1"],
+                            out=tmp_path / "out", progress=False, only=["oversquash"])
+    assert res.headline["sections"]["model"]["n_layers"] == 2
+    page = res.html_path.read_text()
+    assert "2 x 4 tokens" in page and "w1 w2 w3 w4" in page
+    with pytest.warns(UserWarning, match="different lengths"):
+        res = report.run_report(str(path), prompts=["w1 w2", "w1 w2 w3"], out=tmp_path / "o2",
+                                progress=False, only=["model"])
+    assert "1 x 2 tokens" in res.html_path.read_text()
+
+
 @pytest.mark.parametrize("kind", ["induction", "previous_token"])
 def test_induction_scan_reads_hand_built_patterns(kind):
     """A user hook forces a known pattern; the scan must read it off (the guard keeps hooks)."""
