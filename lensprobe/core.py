@@ -88,6 +88,15 @@ def guard(model: Any) -> Iterator[Any]:
             p.requires_grad_(f)
 
 
+def progress_bar(iterable: Any, enabled: bool, desc: str, total: int | None = None) -> Any:
+    """``iterable`` wrapped in a tqdm bar (notebook-aware) when ``enabled``."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
 class _StopForward(Exception):
     """Raised from the last capture hook so the rest of the forward pass is skipped."""
 

@@ -61,9 +61,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from . import _tl
-from .core import capture_acts, guard, jvp_cols, run_hooked, vjp_rows
+from .core import capture_acts, guard, jvp_cols, progress_bar, run_hooked, vjp_rows
 from .errors import InputError, LensprobeError
 from .inputs import check_finite, check_layers, model_dtype, to_tokens
+from .models import str_tokens
 
 __all__ = [
     "BlockJacobians",
@@ -82,14 +83,6 @@ VARIANTS = ("frob", "trace", "swap")
 """'frob': m_K as in the paper (normalised by ||s1_K||_2); 'trace': normalised by
 sum(s1_K) (the p = 1 norm); 'swap': U and V exchanged (|V2_K^T J1 U2_K|), normalised by
 ||s1_K||_2."""
-
-
-def _progress(it: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, total=total, desc=desc, leave=False)
 
 
 def _positions(n: int, positions: Sequence[int] | int | None, what: str = "positions") -> list[int]:
@@ -446,7 +439,7 @@ def block_jacobians(
         jacs = None
         used: list[str] = []
         gen = torch.Generator().manual_seed(0)
-        for li, l in _progress(enumerate(layer_list), len(layer_list), "block Jacobians", progress):
+        for li, l in progress_bar(enumerate(layer_list), progress, "block Jacobians", len(layer_list)):
             x = pres[f"blocks.{l}.hook_resid_pre"].detach()
             if input_token is not None:
                 d = x.shape[-1]
@@ -522,12 +515,10 @@ def _diag_per_token(model, toks, l, x, pos_list, chunk_size, max_memory_mb):
 
 
 def _str_tokens(model: Any, toks: torch.Tensor) -> tuple[tuple[str, ...], ...] | None:
-    if getattr(model, "tokenizer", None) is None:
+    """Token strings when the model has a tokenizer or vocabulary, else None (ids only)."""
+    if getattr(model, "_lensprobe_vocab", None) is None and getattr(model, "tokenizer", None) is None:
         return None
-    try:
-        return tuple(tuple(str(s) for s in model.to_str_tokens(row)) for row in toks)
-    except Exception:  # a tokenizer that cannot decode these ids: fall back to ids
-        return None
+    return tuple(tuple(row) for row in str_tokens(model, toks))
 
 
 # =========================================================================== coupling
@@ -1203,6 +1194,6 @@ def coupling_through_training(
     tracker = CouplingTracker(tokens, k=k, positions=positions, method=method,
                               max_memory_mb=max_memory_mb)
     pairs = _iter_checkpoints(checkpoints, steps)
-    for step, ck in _progress(pairs, len(pairs), "checkpoints", progress):
+    for step, ck in progress_bar(pairs, progress, "checkpoints", len(pairs)):
         tracker.record(_materialise(ck), step)
     return tracker.result()

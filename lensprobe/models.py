@@ -25,7 +25,10 @@ from safetensors import safe_open
 from . import _tl
 from .errors import InputError, ModelError
 
-__all__ = ["tiny_model", "save_checkpoint", "load_checkpoint", "load_model", "word_tokenizer"]
+__all__ = [
+    "tiny_model", "save_checkpoint", "load_checkpoint", "load_model", "word_tokenizer",
+    "str_tokens", "vocab_of",
+]
 
 _NORMS = {"LN": "LN", "ln": "LN", "RMS": "RMS", "rms": "RMS", None: None, "none": None}
 _POSITIONAL = ("standard", "rotary", "none")
@@ -159,6 +162,24 @@ def vocab_of(model: Any) -> list[str] | None:
     if tok is None:
         return None
     return tok.convert_ids_to_tokens(list(range(model.cfg.d_vocab)))
+
+
+def str_tokens(model: Any, tokens: torch.Tensor) -> list[list[str]]:
+    """Token strings of each row of ``tokens`` ([batch, pos], or [pos] as one row).
+
+    A lensprobe word vocabulary if the model has one, else the tokenizer's decoding of
+    each id (TransformerLens ``to_str_tokens``), else the ids themselves as strings.
+    """
+    toks = tokens if tokens.ndim == 2 else tokens.reshape(1, -1)
+    vocab = getattr(model, "_lensprobe_vocab", None)
+    if vocab is not None:
+        return [[vocab[i] for i in row] for row in toks.tolist()]
+    if getattr(model, "tokenizer", None) is not None:
+        try:
+            return [[str(s) for s in model.to_str_tokens(row)] for row in toks.cpu()]
+        except Exception:  # a tokenizer that cannot decode these ids: fall back to ids
+            pass
+    return [[str(i) for i in row] for row in toks.tolist()]
 
 
 # --------------------------------------------------------------------------- checkpoints

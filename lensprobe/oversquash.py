@@ -26,10 +26,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ._tl import final_hook
-from .core import capture_acts, guard, hooked_fn, run_hooked, vjp_rows
+from .core import capture_acts, guard, hooked_fn, progress_bar, run_hooked, vjp_rows
 from .errors import InputError
 from .inputs import check_finite, check_hook, model_dtype, to_tokens
-from .models import vocab_of
+from .models import str_tokens
 from .tasks.counting import insert_separators
 
 __all__ = [
@@ -56,11 +56,6 @@ _LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.f
 
 
 # --------------------------------------------------------------------------- helpers
-def _str_tokens(model: Any, tokens: torch.Tensor) -> list[list[str]]:
-    vocab = vocab_of(model)
-    return [[vocab[t] if vocab else str(t) for t in row.tolist()] for row in tokens]
-
-
 def _check_position(position: int, n: int) -> int:
     if not isinstance(position, int) or isinstance(position, bool) or not -n <= position < n:
         raise InputError(
@@ -68,14 +63,6 @@ def _check_position(position: int, n: int) -> int:
             f" in [{-n}, {n - 1}] (default -1, the last token)."
         )
     return position % n
-
-
-def _progress(iterable: Any, enabled: bool, desc: str, total: int | None = None) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -253,7 +240,7 @@ def sensitivity(
         gen = torch.Generator(device="cpu").manual_seed(seed)
         B, N = toks.shape
         norms, errs, specs = [], [], []
-        for t in _progress(targets, progress and len(targets) > 1, "targets"):
+        for t in progress_bar(targets, progress and len(targets) > 1, "targets"):
             fn = hooked_fn(model, toks, source, t, select=_select_at(pos))
             with torch.no_grad():
                 D = fn(x0).shape[-1]
@@ -276,7 +263,7 @@ def sensitivity(
             stderr=torch.stack(errs).cpu() if errs else None,
             spectral=torch.stack(specs).cpu() if spectral else None,
             tokens=toks.cpu(),
-            str_tokens=_str_tokens(model, toks.cpu()),
+            str_tokens=str_tokens(model, toks),
             targets=tuple(targets),
             source=source,
             position=pos,
@@ -473,7 +460,7 @@ def path_bound(
             spearman=spearman,
             ratio=ratio,
             tokens=toks.cpu(),
-            str_tokens=_str_tokens(model, toks.cpu()),
+            str_tokens=str_tokens(model, toks),
             position=pos,
             heads=heads,
             normalise=normalise,
@@ -738,7 +725,7 @@ def _last_token_acts(
     acts: dict[str, list[torch.Tensor]] = {h: [None] * len(seqs) for h in hooks}  # type: ignore
     top: list[int] = [0] * len(seqs)
     device = next(model.parameters()).device
-    for r in _progress(range(len(runs)), progress, desc, total=len(runs)):
+    for r in progress_bar(range(len(runs)), progress, desc, total=len(runs)):
         toks = torch.tensor([runs[r]], dtype=torch.long, device=device)
         with torch.no_grad():
             out = run_hooked(model, toks, hooks, stop_early=False)

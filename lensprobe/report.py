@@ -27,7 +27,7 @@ import torch
 from . import _tl, views, zoo
 from .errors import InputError
 from .inputs import model_device, resolve_device, to_tokens
-from .models import load_model, vocab_of
+from .models import load_model, str_tokens, vocab_of
 
 __all__ = ["run_report", "ReportResult", "Section", "SECTION_NAMES"]
 
@@ -101,7 +101,7 @@ def _prompts(model: Any, task: Any | None, prompts: list[str] | None, n: int = 4
                           " pass prompts of equal token length to analyse them together.")
             rows = rows[:1]
         toks = torch.cat(rows)
-        return toks, [_str_tokens(model, r) for r in toks]
+        return toks, str_tokens(model, toks)
     if task is not None:
         batch = task.sample(n, torch.Generator().manual_seed(0))
         toks = batch.tokens.to(model_device(model))
@@ -109,14 +109,7 @@ def _prompts(model: Any, task: Any | None, prompts: list[str] | None, n: int = 4
     g = torch.Generator().manual_seed(0)
     length = min(64, model.cfg.n_ctx)
     toks = torch.randint(0, model.cfg.d_vocab, (n, length), generator=g).to(model_device(model))
-    return toks, [_str_tokens(model, t) for t in toks]
-
-
-def _str_tokens(model: Any, toks: torch.Tensor) -> list[str]:
-    vocab = vocab_of(model)
-    if vocab is not None:
-        return [vocab[i] for i in toks.tolist()]
-    return [str(i) for i in toks.tolist()]
+    return toks, str_tokens(model, toks)
 
 
 # --------------------------------------------------------------------------- sections

@@ -27,6 +27,7 @@ from . import _tl
 from .core import guard, run_hooked
 from .errors import InputError
 from .inputs import check_finite, model_device, to_tokens
+from .models import str_tokens
 from .tasks.base import IGNORE, Batch
 from .tasks.retrieval import RetrievalTask, depth_bound, doubling_hops
 from .training import _per_difficulty
@@ -487,7 +488,7 @@ def stacked_heads(
                 s["resolves"] = hurt[0] if hurt else None
     ex_refs = batch.info["ref_pos"][example, batch.info["query_pos"]]
     ex = dict(
-        tokens=_str_tokens(model, batch.tokens[example]),
+        tokens=str_tokens(model, batch.tokens[example])[0],
         patterns=torch.stack([pats[s["layer"], example, s["head"]] for s in stack]).cpu()
         if stack else torch.zeros(0, tokens.shape[1], tokens.shape[1]),
         all_patterns=pats[:, example].reshape(L * H, *pats.shape[-2:]).cpu(),
@@ -500,17 +501,7 @@ def stacked_heads(
                         threshold, target, ex)
 
 
-def _str_tokens(model: Any, toks: torch.Tensor) -> list[str]:
-    from .models import vocab_of
 
-    vocab = vocab_of(model)
-    ids = toks.tolist()
-    if vocab is None:
-        return [str(i) for i in ids]
-    return [vocab[i] for i in ids]
-
-
-# --------------------------------------------------------------------------- query accuracy
 def query_accuracy(model: Any, batch: Batch) -> dict[int, float]:
     """Accuracy of the answer at the query position, per main-chain hop count D."""
     _tl.require_model(model)
