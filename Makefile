@@ -15,13 +15,13 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) torch==2.13.0
-	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[dev]"
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[dev,ray]"
 	touch $@
 
 $(VENV_TL2)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV_TL2)/bin/python || $(PYTHON) -m venv $(VENV_TL2)
 	$(VENV_TL2)/bin/pip install $(PIP_FLAGS) torch==2.13.0
-	$(VENV_TL2)/bin/pip install $(PIP_FLAGS) "transformer-lens==2.18.*" "pyarrow<26" -e ".[dev]"
+	$(VENV_TL2)/bin/pip install $(PIP_FLAGS) "transformer-lens==2.18.*" "pyarrow<26" -e ".[dev,ray]"
 	touch $@
 
 venvs: $(VENV)/.installed $(VENV_TL2)/.installed
