@@ -21,7 +21,7 @@ random position of the same window, a standard way to study induction formation;
 headline metric stays held-out loss on plain text, and each checkpoint also records the
 in-context loss and the induction score on repeated random-token sequences.
 
-    python scripts/train_zoo_shakespeare.py                    # ~50 min on 2 CPU cores
+    python scripts/train_zoo_shakespeare.py                    # ~40-60 min on 2 CPU cores
     python scripts/train_zoo_shakespeare.py --out /tmp/shk     # reproduce elsewhere
     python scripts/train_zoo_shakespeare.py --steps 200 --out /tmp/smoke   # a smoke run
 
@@ -60,10 +60,10 @@ MODEL = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
              rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
              attention_bias=False)
 VOCAB = 2048
-TRAIN = dict(steps=3000, batch=8, seq_len=512, lr=3e-3, min_lr_frac=0.1, warmup=100,
+TRAIN = dict(steps=5000, batch=8, seq_len=512, lr=3e-3, min_lr_frac=0.1, warmup=100,
              weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, repeat_frac=0.25,
              repeat_min=16, repeat_max=96)
-CHECKPOINTS = (0, 25, 50, 100, 200, 400, 800, 1600, 3000)
+CHECKPOINTS = (0, 50, 100, 200, 400, 800, 1600, 3200, 5000)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "lensprobe" / "zoo" / "shakespeare"
@@ -356,7 +356,7 @@ def main() -> None:
         opt.step()
         recent.append(loss.item())
         if step % 50 == 0:
-            print(f"step {step} loss {float(loss):.3f} lr {lr_at(step):.2e} "
+            print(f"step {step} loss {loss.item():.3f} lr {lr_at(step):.2e} "
                   f"{time.perf_counter() - t_start:.0f}s", flush=True)
 
     model.eval()
