@@ -26,14 +26,15 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from contextlib import contextmanager
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import einops
 import torch
 
-from .errors import InputError, ModelError
+from .errors import InputError, LensprobeError, ModelError
 
 TL_VERSION: str = _pkg_version("transformer-lens")
 TL_MAJOR: int = int(TL_VERSION.split(".")[0])
@@ -348,55 +349,223 @@ def load_pretrained(
         (".", "/", "~")
     ):
         raise InputError(f"model path {name_or_path!r} does not exist.")
+    arch = hf_architecture(path) if local else None
+    if local:
+        _require_safetensors(path)
     try:
-        if BACKEND == "bridge":
-            if local:
-                os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            model = TransformerBridge.boot_transformers(
-                str(path) if local else name_or_path, device=device, dtype=dtype, **kwargs
-            )
-            if processed:
-                model.enable_compatibility_mode(disable_warnings=True)
-        else:
-            for k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"):
-                kwargs.setdefault(k, processed)
-            model = _load_pretrained_hooked(name_or_path, local, device, dtype, **kwargs)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+        with _hub_offline(local):
+            if BACKEND == "bridge":
+                if local and "tokenizer" not in kwargs:
+                    kwargs["tokenizer"] = local_tokenizer(path)
+                model = TransformerBridge.boot_transformers(
+                    str(path) if local else name_or_path, device=device, dtype=dtype, **kwargs
+                )
+                if processed:
+                    model.enable_compatibility_mode(disable_warnings=True)
+            else:
+                for k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"):
+                    kwargs.setdefault(k, processed)
+                model = _load_pretrained_hooked(name_or_path, arch, device, dtype, **kwargs)
+    except LensprobeError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError,
+            NotImplementedError, AssertionError) as e:
         # transformers and TransformerLens raise any of these for unreadable directories,
         # unknown architectures, missing tokenizer files and missing network.
-        where = "local directory" if local else "hub name"
+        where = f"local {arch} directory" if local else "hub name"
         raise ModelError(
-            f"could not load {name_or_path!r} ({where}): {e}. Hub names need network access"
-            " or a warm HuggingFace cache; offline, pass a local HuggingFace directory or a"
-            " lensprobe checkpoint (lp.load_checkpoint)."
+            f"could not load {name_or_path!r} ({where}): {type(e).__name__}: {e}. Hub names"
+            " need network access or a warm HuggingFace cache; offline, pass a local"
+            " HuggingFace directory or a lensprobe checkpoint (lp.load_checkpoint)."
         ) from e
     model.eval()
     return model
 
 
+@contextmanager
+def _hub_offline(on: bool) -> Iterator[None]:
+    """HF_HUB_OFFLINE=1 for the duration of a local load, restored afterwards.
+
+    huggingface_hub reads the variable once, at import, into ``constants.HF_HUB_OFFLINE``
+    (which ``is_offline_mode()`` returns), so the constant is set and restored too.
+    """
+    if not on:
+        yield
+        return
+    import huggingface_hub.constants as hub_constants
+
+    old_env, old_const = os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+def _require_safetensors(path: Path) -> None:
+    """Refuse a local directory whose weights exist only as pickles (``.bin``/``.pt``).
+
+    Unpickling runs code from the file; lensprobe reads weights from safetensors only.
+    """
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    what = f"only pickle weights ({', '.join(pickles)})" if pickles else "no weights file"
+    raise ModelError(
+        f"{str(path)!r} has {what}; lensprobe loads HuggingFace weights from safetensors"
+        " only, because unpickling a file can run arbitrary code. Convert it once in a"
+        " trusted session: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir,"
+        " safe_serialization=True)."
+    )
+
+
+def hf_architecture(path: str | Path) -> str:
+    """The model class named in a HuggingFace directory's config.json (``architectures[0]``)."""
+    cfg_path = Path(path) / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"cannot read {str(cfg_path)!r} as JSON: {e}") from e
+    archs = raw.get("architectures") if isinstance(raw, dict) else None
+    if not (isinstance(archs, list) and archs and isinstance(archs[0], str)):
+        raise ModelError(
+            f"{str(cfg_path)!r} names no model class ('architectures': [...]); save the"
+            " model with model.save_pretrained(...), which writes it."
+        )
+    return archs[0]
+
+
+def local_tokenizer(path: Path) -> Any:
+    """The tokenizer of a local directory, as its tokenizer_config.json names it.
+
+    ``AutoTokenizer`` in transformers 5 overrides a declared ``PreTrainedTokenizerFast``
+    with the model type's own class for some types (Qwen2 among them), which re-reads a
+    word-level tokenizer.json as byte-level BPE; a directory that says
+    PreTrainedTokenizerFast (or TokenizersBackend) gets exactly that. None when the
+    directory has no readable tokenizer.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        declared = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        declared = None
+    try:
+        if declared in ("PreTrainedTokenizerFast", "TokenizersBackend") and (path / "tokenizer.json").exists():
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+            if tok.bos_token is not None and not getattr(tok, "add_bos_token", False):
+                # TransformerLens re-creates a tokenizer without add_bos_token through
+                # AutoTokenizer (the override above); one that has it is kept as given.
+                tok = PreTrainedTokenizerFast.from_pretrained(str(path), add_bos_token=True)
+            return tok
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _gemma_config(hf: Any) -> dict[str, Any]:
+    """TL 2 config fields of a Gemma / Gemma-2 HuggingFace config.
+
+    TL 2.18 knows Gemma only by official name (hard-coded sizes); these are the same
+    fields, read from the directory's own config. Gemma-2's layer kinds come from
+    ``layer_types`` (or HF's rule: even layers sliding) and its attention scale is
+    sqrt(query_pre_attn_scalar).
+    """
+    cfg: dict[str, Any] = {
+        "d_model": hf.hidden_size,
+        "d_head": hf.head_dim,
+        "n_heads": hf.num_attention_heads,
+        "n_key_value_heads": hf.num_key_value_heads,
+        "d_mlp": hf.intermediate_size,
+        "n_layers": hf.num_hidden_layers,
+        "n_ctx": hf.max_position_embeddings,
+        "eps": hf.rms_norm_eps,
+        "d_vocab": hf.vocab_size,
+        "act_fn": getattr(hf, "hidden_activation", None) or hf.hidden_act,
+        "initializer_range": hf.initializer_range,
+        "normalization_type": "RMS",
+        "rotary_base": getattr(hf, "rope_theta", None) or 10000.0,
+        "rotary_dim": hf.head_dim,
+        "positional_embedding_type": "rotary",
+        "use_attn_scale": True,
+        "gated_mlp": True,
+        "final_rms": True,
+    }
+    if hf.model_type == "gemma2":
+        kinds = getattr(hf, "layer_types", None) or [
+            "sliding_attention" if l % 2 == 0 else "full_attention" for l in range(hf.num_hidden_layers)
+        ]
+        cfg.update(
+            window_size=hf.sliding_window,
+            use_local_attn=True,
+            attn_types=["local" if k == "sliding_attention" else "global" for k in kinds],
+            attn_scores_soft_cap=hf.attn_logit_softcapping or -1.0,
+            output_logits_soft_cap=hf.final_logit_softcapping or -1.0,
+            attn_scale=float(hf.query_pre_attn_scalar) ** 0.5,
+            use_normalization_before_and_after=True,
+        )
+    return cfg
+
+
+_NAME_KEYED = {"GemmaForCausalLM": _gemma_config, "Gemma2ForCausalLM": _gemma_config}
+
+
+def _hooked_config(path: str, arch: str, hf_model: Any, fold_ln: bool, device: Any, dtype: Any) -> Any:
+    """The HookedTransformerConfig of a local directory, from its config.json alone.
+
+    TL 2's loaders guess the architecture from the *name* first ("llama" or "gemma"
+    anywhere in it), so they get a copy of config.json in a neutral directory; the guess
+    is then checked against ``arch``.
+    """
+    import tempfile
+
+    from transformer_lens import loading_from_pretrained as loading
+
+    hf_cfg = hf_model.config.to_dict()
+    if arch in _NAME_KEYED:
+        d = _NAME_KEYED[arch](hf_model.config)
+        d.update(original_architecture=arch, init_weights=False, device=device, dtype=dtype,
+                 default_prepend_bos=True, n_devices=1)
+        if fold_ln:
+            d["normalization_type"] = "RMSPre"
+        cfg = HookedTransformerConfig.from_dict(d)
+    else:
+        with tempfile.TemporaryDirectory(prefix="lp") as tmp:
+            neutral = Path(tmp) / "model"
+            neutral.mkdir()
+            (neutral / "config.json").write_text((Path(path) / "config.json").read_text())
+            cfg = loading.get_pretrained_model_config(
+                str(neutral), hf_cfg=hf_cfg, fold_ln=fold_ln, device=device, dtype=dtype
+            )
+    if cfg.original_architecture != arch:
+        raise ModelError(
+            f"TransformerLens read {path!r} as {cfg.original_architecture}, but its config.json"
+            f" says {arch}; cannot load it reliably on TL {TL_VERSION}."
+        )
+    cfg.model_name = Path(path).name
+    cfg.tokenizer_name = None
+    return cfg
+
+
 def _load_pretrained_hooked(
-    name_or_path: str, local: bool, device: str | None, dtype: torch.dtype, **kwargs: Any
+    name_or_path: str, arch: str | None, device: str | None, dtype: torch.dtype, **kwargs: Any
 ) -> HookedRootModule:
-    if not local:
+    if arch is None:
         return HookedTransformer.from_pretrained(name_or_path, device=device, dtype=dtype, **kwargs)
     # HookedTransformer.from_pretrained insists on an official model name, but the loading
-    # functions it calls accept a local directory (they read its config.json); this is the
-    # middle of from_pretrained with the name check left out.
+    # functions it calls accept a local directory; this is the middle of from_pretrained
+    # with the name check left out and the architecture taken from config.json.
     from transformer_lens import loading_from_pretrained as loading
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError):
-        tokenizer = None
-    cfg = loading.get_pretrained_model_config(
-        name_or_path,
-        hf_cfg=hf_model.config.to_dict(),
-        fold_ln=kwargs["fold_ln"],
-        device=device,
-        dtype=dtype,
-    )
+    tokenizer = local_tokenizer(Path(name_or_path))
+    cfg = _hooked_config(name_or_path, arch, hf_model, kwargs["fold_ln"], device, dtype)
     state_dict = loading.get_pretrained_state_dict(name_or_path, cfg, hf_model, dtype=dtype)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **kwargs)
