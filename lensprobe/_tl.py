@@ -26,10 +26,11 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import einops
 import torch
@@ -46,18 +47,18 @@ except ImportError:  # TL 4.x removed them
     HookedTransformerConfig = None  # type: ignore[assignment,misc]
 
 try:  # TL 3.x / 4.x
-    from transformer_lens.model_bridge import TransformerBridge  # type: ignore
     from transformer_lens.config import TransformerBridgeConfig  # type: ignore
+    from transformer_lens.model_bridge import TransformerBridge  # type: ignore
 except ImportError:  # TL 2.x
     TransformerBridge = None  # type: ignore[assignment,misc]
     TransformerBridgeConfig = None  # type: ignore[assignment,misc]
 
-from transformer_lens.hook_points import HookPoint  # noqa: E402
+from transformer_lens.hook_points import HookPoint
 
 try:  # TL 4.x moved HookedRootModule to the package root
-    from transformer_lens import HookedRootModule  # noqa: E402
+    from transformer_lens import HookedRootModule
 except ImportError:
-    from transformer_lens.hook_points import HookedRootModule  # noqa: E402
+    from transformer_lens.hook_points import HookedRootModule
 
 #: Which model class ``tiny_model`` and ``load_checkpoint`` build on this install.
 #: HookedTransformer where it exists (TL 2.x/3.x), else TransformerBridge (TL 4.x).
@@ -69,18 +70,18 @@ BACKEND: str = (
 )
 
 __all__ = [
-    "TL_VERSION",
     "BACKEND",
+    "TL_VERSION",
     "HookPoint",
-    "is_bridge",
-    "require_model",
-    "hook_points",
-    "is_folded",
     "build_model",
-    "portable_state_dict",
-    "load_portable_state_dict",
     "config_to_dict",
+    "hook_points",
+    "is_bridge",
+    "is_folded",
+    "load_portable_state_dict",
     "load_pretrained",
+    "portable_state_dict",
+    "require_model",
 ]
 
 
@@ -198,16 +199,55 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
 ) -> HookedRootModule:
-    """Build an untrained model from a config dict on the installed backend."""
-    cfg = _make_config(cfg_dict, dtype)
-    if BACKEND == "hooked":
-        model = HookedTransformer(cfg)
-        if device is not None:
-            model = model.to(device)
-    else:
-        model = TransformerBridge.boot_native(cfg, dtype=dtype, device=device)
+    """Build a model from a config dict on the installed backend, leaving the global RNG alone.
+
+    ``cfg_dict["seed"]`` seeds a local ``torch.Generator``: HookedTransformerConfig would
+    call ``set_seed_everywhere`` (torch, random, numpy), so the hooked path gets
+    ``seed=None`` and draws TransformerLens's "gpt2" init (W_* ~ N(0, initializer_range^2),
+    in parameter order) from the generator itself, the same numbers the global RNG
+    seeded with ``seed`` gave. Native bridges already seed a scoped generator.
+    Construction runs under ``fork_rng`` so unseeded module init (``nn.Linear``'s
+    reset_parameters on bridges) does not advance the caller's stream either.
+    """
+    device = check_device(device)
+    d = dict(cfg_dict)
+    seed = d.get("seed")
+    init = d.get("init_weights", True)
+    with torch.random.fork_rng(devices=[]):
+        if BACKEND == "hooked":
+            if init and d.get("init_mode", "gpt2") != "gpt2":
+                raise InputError(f"init_mode {d['init_mode']!r}: lensprobe builds 'gpt2' init only.")
+            d.update(seed=None, init_weights=False)
+            model = HookedTransformer(_make_config(d, dtype))
+            model.cfg.seed, model.cfg.init_weights = seed, init
+            if init:
+                g = torch.Generator().manual_seed(seed) if seed is not None else None
+                with torch.no_grad():
+                    for name, param in model.named_parameters():
+                        if "W_" in name:
+                            param.normal_(0.0, model.cfg.initializer_range, generator=g)
+            if device is not None:
+                model = model.to(device)
+        else:
+            model = TransformerBridge.boot_native(_make_config(d, dtype), dtype=dtype, device=device)
     model.eval()
     return model
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """The one device check of every lensprobe entry point that takes ``device=``.
+
+    None stays None (the backend's default); anything else must name a device torch
+    knows and this machine has (``inputs.resolve_device``), else InputError.
+    """
+    if device is None:
+        return None
+    from .inputs import resolve_device
+
+    try:
+        return resolve_device(device)
+    except RuntimeError as e:  # torch.device("gpu"): not a device string
+        raise InputError(f"device {str(device)!r} is not a torch device: {e}. Use 'cpu' or 'cuda'.") from e
 
 
 # --------------------------------------------------------------------------- state dicts
@@ -221,14 +261,16 @@ def _heads(t: torch.Tensor, d_head: int, pattern: str) -> torch.Tensor:
 def _bridge_to_tl(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
     """Inverse of transformer_lens.utilities.tl_checkpoint_conversion.convert_tl_checkpoint."""
     dh = cfg.d_head
+    # Grouped-query models: HookedTransformer keeps the n_kv K/V heads as _W_K/_W_V/_b_K/_b_V.
+    kv = "._" if getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads) else "."
     table: list[tuple[str, str, Any]] = [
         (".attn.q.weight", ".attn.W_Q", lambda t: _heads(t, dh, "(h d_head) m -> h m d_head")),
-        (".attn.k.weight", ".attn.W_K", lambda t: _heads(t, dh, "(h d_head) m -> h m d_head")),
-        (".attn.v.weight", ".attn.W_V", lambda t: _heads(t, dh, "(h d_head) m -> h m d_head")),
+        (".attn.k.weight", f".attn{kv}W_K", lambda t: _heads(t, dh, "(h d_head) m -> h m d_head")),
+        (".attn.v.weight", f".attn{kv}W_V", lambda t: _heads(t, dh, "(h d_head) m -> h m d_head")),
         (".attn.o.weight", ".attn.W_O", lambda t: _heads(t, dh, "m (h d_head) -> h d_head m")),
         (".attn.q.bias", ".attn.b_Q", lambda t: _heads(t, dh, "(h d_head) -> h d_head")),
-        (".attn.k.bias", ".attn.b_K", lambda t: _heads(t, dh, "(h d_head) -> h d_head")),
-        (".attn.v.bias", ".attn.b_V", lambda t: _heads(t, dh, "(h d_head) -> h d_head")),
+        (".attn.k.bias", f".attn{kv}b_K", lambda t: _heads(t, dh, "(h d_head) -> h d_head")),
+        (".attn.v.bias", f".attn{kv}b_V", lambda t: _heads(t, dh, "(h d_head) -> h d_head")),
         (".attn.o.bias", ".attn.b_O", lambda t: t),
         (".mlp.in.weight", ".mlp.W_in", lambda t: t.T.contiguous()),
         (".mlp.in.bias", ".mlp.b_in", lambda t: t),
@@ -282,9 +324,7 @@ def _to_adjacent_rotary(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torc
     perm[:r] = torch.stack([torch.arange(r // 2), torch.arange(r // 2) + r // 2], dim=-1).flatten()
     out = dict(sd)
     for key, t in sd.items():
-        if key.endswith((".W_Q", ".W_K", "._W_K")):
-            out[key] = t[..., perm].contiguous()
-        elif key.endswith((".b_Q", ".b_K", "._b_K")):
+        if key.endswith((".W_Q", ".W_K", "._W_K")) or key.endswith((".b_Q", ".b_K", "._b_K")):
             out[key] = t[..., perm].contiguous()
     cfg.rotary_adjacent_pairs = True
     return out
@@ -306,7 +346,9 @@ def portable_state_dict(model: HookedRootModule) -> dict[str, torch.Tensor]:
 def load_portable_state_dict(model: HookedRootModule, sd: dict[str, torch.Tensor]) -> None:
     """Load a portable (HookedTransformer-convention) state dict, strictly."""
     if is_bridge(model):
-        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+        from transformer_lens.utilities.tl_checkpoint_conversion import (
+            convert_tl_checkpoint,
+        )
 
         sd = _to_adjacent_rotary(sd, model.cfg)
         model.load_state_dict(convert_tl_checkpoint(dict(sd), model.cfg), strict=True)
@@ -338,6 +380,7 @@ def load_pretrained(
     ``processed=True`` applies TransformerLens's standard processing (fold_ln, centering:
     HookedTransformer's defaults, ``enable_compatibility_mode()`` on a bridge).
     """
+    device = None if device is None else str(check_device(device))
     path = Path(name_or_path)
     local = path.is_dir()
     if local and not (path / "config.json").exists():

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import shutil
 
+import hf_fixtures
 import pytest
 import torch
+from hf_fixtures import ARCHITECTURES, DEFAULT_VOCAB
 
 import lensprobe as lp
-from hf_fixtures import ARCHITECTURES, DEFAULT_VOCAB, hf_dir, tiny_hf_dir  # noqa: F401
+
+hf_dir = hf_fixtures.hf_dir  # the session fixture
 
 ARCHS = list(ARCHITECTURES)
 TOKENS = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11, 3, 5]])  # longer than the sliding windows (4)
