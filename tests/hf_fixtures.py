@@ -40,13 +40,13 @@ def _config(arch: str, vocab_size: int, bos: int, eos: int):
 
     common = {"vocab_size": vocab_size, "bos_token_id": bos, "eos_token_id": eos,
               "tie_word_embeddings": False}
-    rms = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    rms = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
            "num_attention_heads": 4, "max_position_embeddings": 32, **common}
     if arch == "gpt2":
-        return tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=32, n_ctx=32, **common)
+        return tf.GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=32, n_ctx=32, **common)
     if arch == "neox":
         return tf.GPTNeoXConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=32, rotary_pct=0.5, use_parallel_residual=True, **common,
         )
     if arch == "llama":

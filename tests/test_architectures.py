@@ -91,3 +91,85 @@ def test_config_without_architectures_is_a_model_error(tmp_path, hf_dir):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(lp.ModelError, match="architectures"):
         lp.load_model(d)
+
+
+# --------------------------------------------------------------------------- the matrix
+MATRIX_TOKENS = torch.tensor([[1, 5, 6, 7, 8, 9]])
+EXTRACTORS = {
+    "sensitivity": lambda m: lp.sensitivity(m, MATRIX_TOKENS),
+    "path_bound": lambda m: lp.path_bound(m, MATRIX_TOKENS, progress=False),
+    "collapse_curve": lambda m: lp.collapse_curve(m, lengths=[4, 8], one=5, zero=6),
+    "ov_spectrum": lambda m: lp.ov_spectrum(m, progress=False),
+    "dominance": lambda m: lp.dominance(m, MATRIX_TOKENS, progress=False),
+    "smoothing_profile": lambda m: lp.smoothing_profile(m, MATRIX_TOKENS),
+    "block_jacobians": lambda m: lp.block_jacobians(m, MATRIX_TOKENS),
+    "coupling": lambda m: lp.coupling(m, MATRIX_TOKENS, k=2),
+    "trajectory_metrics": lambda m: lp.trajectory_metrics(m, MATRIX_TOKENS),
+}
+
+
+def _nonfinite_fields(result):
+    import dataclasses
+
+    return [
+        f.name for f in dataclasses.fields(result)
+        if isinstance(v := getattr(result, f.name), torch.Tensor) and v.is_floating_point()
+        and not torch.isfinite(v).all()
+    ]
+
+
+def _cached_graphs(model):
+    return [(n, k) for n, mod in model.named_modules() for k, v in vars(mod).items()
+            if isinstance(v, torch.Tensor) and v.grad_fn is not None]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_extractor_runs_on_the_architecture(arch, loaded, fingerprint):
+    """Finite results, model untouched (weights, modes, grad flags, hooks, no cached graph)."""
+    model = loaded(arch)
+    for name, run in EXTRACTORS.items():
+        before = fingerprint(model)
+        result = run(model)
+        assert _nonfinite_fields(result) == [], (arch, name)
+        assert fingerprint(model) == before, (arch, name)
+        assert _cached_graphs(model) == [], (arch, name)  # GPT-2/NeoX bridges cached attn._pattern
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_sliding_window_reaches_the_patterns(arch, loaded):
+    """path_bound, dominance and stacking read hook_pattern: sliding-window layers must show
+    zero attention beyond the window (4) there, global layers must not."""
+    model = loaded(arch)
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
+    with lp.guard(model):
+        acts = lp.run_hooked(model, TOKENS, names, stop_early=False)
+    T = TOKENS.shape[1]
+    q, k = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
+    far = k <= q - 4  # keys outside a window of 4 ending at the query
+    local = {"mistral": [True] * 3, "gemma2": [True, False, True]}[arch]
+    for l, is_local in enumerate(local):
+        pat = acts[names[l]][0]  # [head, q, k]
+        if is_local:
+            assert pat[:, far].abs().max() == 0, (arch, l)
+        else:
+            assert pat[:, far].min() > 0, (arch, l)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma", "gemma2"])
+def test_grouped_kv_heads_in_ov(arch, hf_dir, loaded):
+    """OV (what ov_spectrum and composition read) of query head h uses K/V head
+    h // (n_heads / n_kv): checked against the HF v_proj / o_proj weights by hand."""
+    from transformers import AutoModelForCausalLM
+
+    model = loaded(arch)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir(arch))
+    cfg = hf.config
+    n, n_kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, model.cfg.d_head
+    assert n_kv < n
+    for l, layer in enumerate(hf.model.layers):
+        Wv = layer.self_attn.v_proj.weight.detach().T  # [d_model, n_kv * dh]
+        Wo = layer.self_attn.o_proj.weight.detach().T  # [n * dh, d_model]
+        for h in range(n):
+            g = h // (n // n_kv)
+            want = Wv[:, g * dh:(g + 1) * dh] @ Wo[h * dh:(h + 1) * dh]
+            torch.testing.assert_close(model.OV[l, h].AB.detach(), want, rtol=1e-5, atol=1e-5)
