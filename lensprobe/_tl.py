@@ -26,6 +26,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from typing import Any
 import einops
 import torch
 
-from .errors import InputError, ModelError
+from .errors import InputError, LensprobeError, ModelError
 
 TL_VERSION: str = _pkg_version("transformer-lens")
 TL_MAJOR: int = int(TL_VERSION.split(".")[0])
@@ -45,18 +47,18 @@ except ImportError:  # TL 4.x removed them
     HookedTransformerConfig = None  # type: ignore[assignment,misc]
 
 try:  # TL 3.x / 4.x
-    from transformer_lens.model_bridge import TransformerBridge  # type: ignore
     from transformer_lens.config import TransformerBridgeConfig  # type: ignore
+    from transformer_lens.model_bridge import TransformerBridge  # type: ignore
 except ImportError:  # TL 2.x
     TransformerBridge = None  # type: ignore[assignment,misc]
     TransformerBridgeConfig = None  # type: ignore[assignment,misc]
 
-from transformer_lens.hook_points import HookPoint  # noqa: E402
+from transformer_lens.hook_points import HookPoint
 
 try:  # TL 4.x moved HookedRootModule to the package root
-    from transformer_lens import HookedRootModule  # noqa: E402
+    from transformer_lens import HookedRootModule
 except ImportError:
-    from transformer_lens.hook_points import HookedRootModule  # noqa: E402
+    from transformer_lens.hook_points import HookedRootModule
 
 #: Which model class ``tiny_model`` and ``load_checkpoint`` build on this install.
 #: HookedTransformer where it exists (TL 2.x/3.x), else TransformerBridge (TL 4.x).
@@ -68,18 +70,18 @@ BACKEND: str = (
 )
 
 __all__ = [
-    "TL_VERSION",
     "BACKEND",
+    "TL_VERSION",
     "HookPoint",
-    "is_bridge",
-    "require_model",
-    "hook_points",
-    "is_folded",
     "build_model",
-    "portable_state_dict",
-    "load_portable_state_dict",
     "config_to_dict",
+    "hook_points",
+    "is_bridge",
+    "is_folded",
+    "load_portable_state_dict",
     "load_pretrained",
+    "portable_state_dict",
+    "require_model",
 ]
 
 
@@ -197,16 +199,68 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
 ) -> HookedRootModule:
-    """Build an untrained model from a config dict on the installed backend."""
-    cfg = _make_config(cfg_dict, dtype)
-    if BACKEND == "hooked":
-        model = HookedTransformer(cfg)
-        if device is not None:
-            model = model.to(device)
-    else:
-        model = TransformerBridge.boot_native(cfg, dtype=dtype, device=device)
+    """Build a model from a config dict on the installed backend, leaving the global RNG alone.
+
+    ``cfg_dict["seed"]`` seeds a local ``torch.Generator``: HookedTransformerConfig would
+    call ``set_seed_everywhere`` (torch, random, numpy), so the hooked path gets
+    ``seed=None`` and draws TransformerLens's "gpt2" init (W_* ~ N(0, initializer_range^2),
+    in parameter order) from the generator itself, the same numbers the global RNG
+    seeded with ``seed`` gave. Native bridges already seed a scoped generator.
+    Construction runs under ``fork_rng`` so unseeded module init (``nn.Linear``'s
+    reset_parameters on bridges) does not advance the caller's stream either.
+    """
+    device = check_device(device)
+    d = dict(cfg_dict)
+    seed = d.get("seed")
+    init = d.get("init_weights", True)
+    with torch.random.fork_rng(devices=[]):
+        if BACKEND == "hooked":
+            if init and d.get("init_mode", "gpt2") != "gpt2":
+                raise InputError(f"init_mode {d['init_mode']!r}: lensprobe builds 'gpt2' init only.")
+            d.update(seed=None, init_weights=False)
+            model = HookedTransformer(_make_config(d, dtype))
+            model.cfg.seed, model.cfg.init_weights = seed, init
+            if init:
+                g = torch.Generator().manual_seed(seed) if seed is not None else None
+                with torch.no_grad():
+                    for name, param in model.named_parameters():
+                        if "W_" in name:
+                            param.normal_(0.0, model.cfg.initializer_range, generator=g)
+            if device is not None:
+                model = model.to(device)
+        else:
+            model = TransformerBridge.boot_native(_make_config(d, dtype), dtype=dtype, device=device)
     model.eval()
     return model
+
+
+def release_cached_graphs(model: Any) -> None:
+    """Detach tensors that modules cached during a grad-mode forward.
+
+    HF attention inside GPT-2 / GPT-NeoX bridges keeps its last pattern (``attn._pattern``)
+    with the autograd graph attached: the graph (and everything it references) stays
+    alive, and ``copy.deepcopy(model)`` fails. The cached value is kept, detached.
+    """
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                setattr(module, name, value.detach())
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """The one device check of every lensprobe entry point that takes ``device=``.
+
+    None stays None (the backend's default); anything else must name a device torch
+    knows and this machine has (``inputs.resolve_device``), else InputError.
+    """
+    if device is None:
+        return None
+    from .inputs import resolve_device
+
+    try:
+        return resolve_device(device)
+    except RuntimeError as e:  # torch.device("gpu"): not a device string
+        raise InputError(f"device {str(device)!r} is not a torch device: {e}. Use 'cpu' or 'cuda'.") from e
 
 
 # --------------------------------------------------------------------------- state dicts
@@ -220,14 +274,16 @@ def _heads(t: torch.Tensor, d_head: int, pattern: str) -> torch.Tensor:
 def _bridge_to_tl(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
     """Inverse of transformer_lens.utilities.tl_checkpoint_conversion.convert_tl_checkpoint."""
     dh = cfg.d_head
+    # Grouped-query models: HookedTransformer keeps the n_kv K/V heads as _W_K/_W_V/_b_K/_b_V.
+    kv = "._" if getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads) else "."
     table: list[tuple[str, str, Any]] = [
         (".attn.q.weight", ".attn.W_Q", lambda t: _heads(t, dh, "(h d_head) m -> h m d_head")),
-        (".attn.k.weight", ".attn.W_K", lambda t: _heads(t, dh, "(h d_head) m -> h m d_head")),
-        (".attn.v.weight", ".attn.W_V", lambda t: _heads(t, dh, "(h d_head) m -> h m d_head")),
+        (".attn.k.weight", f".attn{kv}W_K", lambda t: _heads(t, dh, "(h d_head) m -> h m d_head")),
+        (".attn.v.weight", f".attn{kv}W_V", lambda t: _heads(t, dh, "(h d_head) m -> h m d_head")),
         (".attn.o.weight", ".attn.W_O", lambda t: _heads(t, dh, "m (h d_head) -> h d_head m")),
         (".attn.q.bias", ".attn.b_Q", lambda t: _heads(t, dh, "(h d_head) -> h d_head")),
-        (".attn.k.bias", ".attn.b_K", lambda t: _heads(t, dh, "(h d_head) -> h d_head")),
-        (".attn.v.bias", ".attn.b_V", lambda t: _heads(t, dh, "(h d_head) -> h d_head")),
+        (".attn.k.bias", f".attn{kv}b_K", lambda t: _heads(t, dh, "(h d_head) -> h d_head")),
+        (".attn.v.bias", f".attn{kv}b_V", lambda t: _heads(t, dh, "(h d_head) -> h d_head")),
         (".attn.o.bias", ".attn.b_O", lambda t: t),
         (".mlp.in.weight", ".mlp.W_in", lambda t: t.T.contiguous()),
         (".mlp.in.bias", ".mlp.b_in", lambda t: t),
@@ -281,9 +337,7 @@ def _to_adjacent_rotary(sd: dict[str, torch.Tensor], cfg: Any) -> dict[str, torc
     perm[:r] = torch.stack([torch.arange(r // 2), torch.arange(r // 2) + r // 2], dim=-1).flatten()
     out = dict(sd)
     for key, t in sd.items():
-        if key.endswith((".W_Q", ".W_K", "._W_K")):
-            out[key] = t[..., perm].contiguous()
-        elif key.endswith((".b_Q", ".b_K", "._b_K")):
+        if key.endswith((".W_Q", ".W_K", "._W_K")) or key.endswith((".b_Q", ".b_K", "._b_K")):
             out[key] = t[..., perm].contiguous()
     cfg.rotary_adjacent_pairs = True
     return out
@@ -305,7 +359,9 @@ def portable_state_dict(model: HookedRootModule) -> dict[str, torch.Tensor]:
 def load_portable_state_dict(model: HookedRootModule, sd: dict[str, torch.Tensor]) -> None:
     """Load a portable (HookedTransformer-convention) state dict, strictly."""
     if is_bridge(model):
-        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+        from transformer_lens.utilities.tl_checkpoint_conversion import (
+            convert_tl_checkpoint,
+        )
 
         sd = _to_adjacent_rotary(sd, model.cfg)
         model.load_state_dict(convert_tl_checkpoint(dict(sd), model.cfg), strict=True)
@@ -337,6 +393,7 @@ def load_pretrained(
     ``processed=True`` applies TransformerLens's standard processing (fold_ln, centering:
     HookedTransformer's defaults, ``enable_compatibility_mode()`` on a bridge).
     """
+    device = None if device is None else str(check_device(device))
     path = Path(name_or_path)
     local = path.is_dir()
     if local and not (path / "config.json").exists():
@@ -348,55 +405,223 @@ def load_pretrained(
         (".", "/", "~")
     ):
         raise InputError(f"model path {name_or_path!r} does not exist.")
+    arch = hf_architecture(path) if local else None
+    if local:
+        _require_safetensors(path)
     try:
-        if BACKEND == "bridge":
-            if local:
-                os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            model = TransformerBridge.boot_transformers(
-                str(path) if local else name_or_path, device=device, dtype=dtype, **kwargs
-            )
-            if processed:
-                model.enable_compatibility_mode(disable_warnings=True)
-        else:
-            for k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"):
-                kwargs.setdefault(k, processed)
-            model = _load_pretrained_hooked(name_or_path, local, device, dtype, **kwargs)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+        with _hub_offline(local):
+            if BACKEND == "bridge":
+                if local and "tokenizer" not in kwargs:
+                    kwargs["tokenizer"] = local_tokenizer(path)
+                model = TransformerBridge.boot_transformers(
+                    str(path) if local else name_or_path, device=device, dtype=dtype, **kwargs
+                )
+                if processed:
+                    model.enable_compatibility_mode(disable_warnings=True)
+            else:
+                for k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"):
+                    kwargs.setdefault(k, processed)
+                model = _load_pretrained_hooked(name_or_path, arch, device, dtype, **kwargs)
+    except LensprobeError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError,
+            NotImplementedError, AssertionError) as e:
         # transformers and TransformerLens raise any of these for unreadable directories,
         # unknown architectures, missing tokenizer files and missing network.
-        where = "local directory" if local else "hub name"
+        where = f"local {arch} directory" if local else "hub name"
         raise ModelError(
-            f"could not load {name_or_path!r} ({where}): {e}. Hub names need network access"
-            " or a warm HuggingFace cache; offline, pass a local HuggingFace directory or a"
-            " lensprobe checkpoint (lp.load_checkpoint)."
+            f"could not load {name_or_path!r} ({where}): {type(e).__name__}: {e}. Hub names"
+            " need network access or a warm HuggingFace cache; offline, pass a local"
+            " HuggingFace directory or a lensprobe checkpoint (lp.load_checkpoint)."
         ) from e
     model.eval()
     return model
 
 
+@contextmanager
+def _hub_offline(on: bool) -> Iterator[None]:
+    """HF_HUB_OFFLINE=1 for the duration of a local load, restored afterwards.
+
+    huggingface_hub reads the variable once, at import, into ``constants.HF_HUB_OFFLINE``
+    (which ``is_offline_mode()`` returns), so the constant is set and restored too.
+    """
+    if not on:
+        yield
+        return
+    import huggingface_hub.constants as hub_constants
+
+    old_env, old_const = os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+def _require_safetensors(path: Path) -> None:
+    """Refuse a local directory whose weights exist only as pickles (``.bin``/``.pt``).
+
+    Unpickling runs code from the file; lensprobe reads weights from safetensors only.
+    """
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    what = f"only pickle weights ({', '.join(pickles)})" if pickles else "no weights file"
+    raise ModelError(
+        f"{str(path)!r} has {what}; lensprobe loads HuggingFace weights from safetensors"
+        " only, because unpickling a file can run arbitrary code. Convert it once in a"
+        " trusted session: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir,"
+        " safe_serialization=True)."
+    )
+
+
+def hf_architecture(path: str | Path) -> str:
+    """The model class named in a HuggingFace directory's config.json (``architectures[0]``)."""
+    cfg_path = Path(path) / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"cannot read {str(cfg_path)!r} as JSON: {e}") from e
+    archs = raw.get("architectures") if isinstance(raw, dict) else None
+    if not (isinstance(archs, list) and archs and isinstance(archs[0], str)):
+        raise ModelError(
+            f"{str(cfg_path)!r} names no model class ('architectures': [...]); save the"
+            " model with model.save_pretrained(...), which writes it."
+        )
+    return archs[0]
+
+
+def local_tokenizer(path: Path) -> Any:
+    """The tokenizer of a local directory, as its tokenizer_config.json names it.
+
+    ``AutoTokenizer`` in transformers 5 overrides a declared ``PreTrainedTokenizerFast``
+    with the model type's own class for some types (Qwen2 among them), which re-reads a
+    word-level tokenizer.json as byte-level BPE; a directory that says
+    PreTrainedTokenizerFast (or TokenizersBackend) gets exactly that. None when the
+    directory has no readable tokenizer.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        declared = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        declared = None
+    try:
+        if declared in ("PreTrainedTokenizerFast", "TokenizersBackend") and (path / "tokenizer.json").exists():
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+            if tok.bos_token is not None and not getattr(tok, "add_bos_token", False):
+                # TransformerLens re-creates a tokenizer without add_bos_token through
+                # AutoTokenizer (the override above); one that has it is kept as given.
+                tok = PreTrainedTokenizerFast.from_pretrained(str(path), add_bos_token=True)
+            return tok
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _gemma_config(hf: Any) -> dict[str, Any]:
+    """TL 2 config fields of a Gemma / Gemma-2 HuggingFace config.
+
+    TL 2.18 knows Gemma only by official name (hard-coded sizes); these are the same
+    fields, read from the directory's own config. Gemma-2's layer kinds come from
+    ``layer_types`` (or HF's rule: even layers sliding) and its attention scale is
+    sqrt(query_pre_attn_scalar).
+    """
+    cfg: dict[str, Any] = {
+        "d_model": hf.hidden_size,
+        "d_head": hf.head_dim,
+        "n_heads": hf.num_attention_heads,
+        "n_key_value_heads": hf.num_key_value_heads,
+        "d_mlp": hf.intermediate_size,
+        "n_layers": hf.num_hidden_layers,
+        "n_ctx": hf.max_position_embeddings,
+        "eps": hf.rms_norm_eps,
+        "d_vocab": hf.vocab_size,
+        "act_fn": getattr(hf, "hidden_activation", None) or hf.hidden_act,
+        "initializer_range": hf.initializer_range,
+        "normalization_type": "RMS",
+        "rotary_base": getattr(hf, "rope_theta", None) or 10000.0,
+        "rotary_dim": hf.head_dim,
+        "positional_embedding_type": "rotary",
+        "use_attn_scale": True,
+        "gated_mlp": True,
+        "final_rms": True,
+    }
+    if hf.model_type == "gemma2":
+        kinds = getattr(hf, "layer_types", None) or [
+            "sliding_attention" if l % 2 == 0 else "full_attention" for l in range(hf.num_hidden_layers)
+        ]
+        cfg.update(
+            window_size=hf.sliding_window,
+            use_local_attn=True,
+            attn_types=["local" if k == "sliding_attention" else "global" for k in kinds],
+            attn_scores_soft_cap=hf.attn_logit_softcapping or -1.0,
+            output_logits_soft_cap=hf.final_logit_softcapping or -1.0,
+            attn_scale=float(hf.query_pre_attn_scalar) ** 0.5,
+            use_normalization_before_and_after=True,
+        )
+    return cfg
+
+
+_NAME_KEYED = {"GemmaForCausalLM": _gemma_config, "Gemma2ForCausalLM": _gemma_config}
+
+
+def _hooked_config(path: str, arch: str, hf_model: Any, fold_ln: bool, device: Any, dtype: Any) -> Any:
+    """The HookedTransformerConfig of a local directory, from its config.json alone.
+
+    TL 2's loaders guess the architecture from the *name* first ("llama" or "gemma"
+    anywhere in it), so they get a copy of config.json in a neutral directory; the guess
+    is then checked against ``arch``.
+    """
+    import tempfile
+
+    from transformer_lens import loading_from_pretrained as loading
+
+    hf_cfg = hf_model.config.to_dict()
+    if arch in _NAME_KEYED:
+        d = _NAME_KEYED[arch](hf_model.config)
+        d.update(original_architecture=arch, init_weights=False, device=device, dtype=dtype,
+                 default_prepend_bos=True, n_devices=1)
+        if fold_ln:
+            d["normalization_type"] = "RMSPre"
+        cfg = HookedTransformerConfig.from_dict(d)
+    else:
+        with tempfile.TemporaryDirectory(prefix="lp") as tmp:
+            neutral = Path(tmp) / "model"
+            neutral.mkdir()
+            (neutral / "config.json").write_text((Path(path) / "config.json").read_text())
+            cfg = loading.get_pretrained_model_config(
+                str(neutral), hf_cfg=hf_cfg, fold_ln=fold_ln, device=device, dtype=dtype
+            )
+    if cfg.original_architecture != arch:
+        raise ModelError(
+            f"TransformerLens read {path!r} as {cfg.original_architecture}, but its config.json"
+            f" says {arch}; cannot load it reliably on TL {TL_VERSION}."
+        )
+    cfg.model_name = Path(path).name
+    cfg.tokenizer_name = None
+    return cfg
+
+
 def _load_pretrained_hooked(
-    name_or_path: str, local: bool, device: str | None, dtype: torch.dtype, **kwargs: Any
+    name_or_path: str, arch: str | None, device: str | None, dtype: torch.dtype, **kwargs: Any
 ) -> HookedRootModule:
-    if not local:
+    if arch is None:
         return HookedTransformer.from_pretrained(name_or_path, device=device, dtype=dtype, **kwargs)
     # HookedTransformer.from_pretrained insists on an official model name, but the loading
-    # functions it calls accept a local directory (they read its config.json); this is the
-    # middle of from_pretrained with the name check left out.
+    # functions it calls accept a local directory; this is the middle of from_pretrained
+    # with the name check left out and the architecture taken from config.json.
     from transformer_lens import loading_from_pretrained as loading
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError):
-        tokenizer = None
-    cfg = loading.get_pretrained_model_config(
-        name_or_path,
-        hf_cfg=hf_model.config.to_dict(),
-        fold_ln=kwargs["fold_ln"],
-        device=device,
-        dtype=dtype,
-    )
+    tokenizer = local_tokenizer(Path(name_or_path))
+    cfg = _hooked_config(name_or_path, arch, hf_model, kwargs["fold_ln"], device, dtype)
     state_dict = loading.get_pretrained_state_dict(name_or_path, cfg, hf_model, dtype=dtype)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **kwargs)

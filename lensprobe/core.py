@@ -86,6 +86,7 @@ def guard(model: Any) -> Iterator[Any]:
             m.training = t
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+        _tl.release_cached_graphs(model)
 
 
 def progress_bar(iterable: Any, enabled: bool, desc: str, total: int | None = None) -> Any:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from . import _tl
 from .errors import InputError, ModelError
@@ -32,6 +32,8 @@ __all__ = [
 
 _NORMS = {"LN": "LN", "ln": "LN", "RMS": "RMS", "rms": "RMS", None: None, "none": None}
 _POSITIONAL = ("standard", "rotary", "none")
+#: Activations both backends implement identically (HookedTransformer and native bridges).
+ACT_FNS = ("gelu", "gelu_new", "relu", "silu")
 
 
 def tiny_model(
@@ -43,6 +45,7 @@ def tiny_model(
     d_mlp: int | None = None,
     n_ctx: int = 128,
     d_vocab: int = 64,
+    n_key_value_heads: int | None = None,
     attn_only: bool = False,
     normalization: str | None = "LN",
     positional: str = "standard",
@@ -59,48 +62,65 @@ def tiny_model(
     ``normalization``: 'LN', 'RMS' or None; ``positional``: 'standard' (learned),
     'rotary', or 'none' (NoPE: a zero W_pos with requires_grad=False); ``causal=False``
     gives bidirectional attention. ``d_head`` defaults to d_model // n_heads and
-    ``d_mlp`` to 4 * d_model. ``vocab`` (token strings, length d_vocab) attaches a word
+    ``d_mlp`` to 4 * d_model. ``n_key_value_heads`` (a divisor of n_heads) gives
+    grouped-query attention: query head h reads K/V head h // (n_heads / n_kv).
+    ``act_fn``: one of ``ACT_FNS``. ``seed`` seeds a local generator (the global RNG
+    is left as it was). ``vocab`` (token strings, length d_vocab) attaches a word
     tokenizer so the model accepts text and shows string tokens. Returned in eval mode.
     """
     if normalization not in _NORMS:
         raise InputError(f"normalization must be 'LN', 'RMS' or None, got {normalization!r}.")
     if positional not in _POSITIONAL:
         raise InputError(f"positional must be one of {_POSITIONAL}, got {positional!r}.")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
+    if act_fn not in ACT_FNS:
+        raise InputError(f"act_fn must be one of {ACT_FNS} (portable across backends), got {act_fn!r}.")
+    sizes = {"n_layers": n_layers, "n_heads": n_heads, "d_model": d_model, "n_ctx": n_ctx, "d_vocab": d_vocab}
+    sizes.update({k: v for k, v in {"d_head": d_head, "d_mlp": d_mlp,
+                                        "n_key_value_heads": n_key_value_heads}.items() if v is not None})
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InputError(f"{name} must be a positive integer, got {v!r}.")
     if d_head is None:
         if d_model % n_heads:
             raise InputError(
                 f"d_model={d_model} is not divisible by n_heads={n_heads}; pass d_head."
             )
         d_head = d_model // n_heads
-    for name, v in dict(n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=d_head,
-                        n_ctx=n_ctx, d_vocab=d_vocab).items():
-        if int(v) < 1:
-            raise InputError(f"{name} must be a positive integer, got {v}.")
+    if n_key_value_heads is not None and n_heads % n_key_value_heads:
+        raise InputError(
+            f"n_key_value_heads={n_key_value_heads} must divide n_heads={n_heads} (each K/V head"
+            " serves an equal group of query heads)."
+        )
+    if positional == "rotary" and d_head % 2:
+        raise InputError(f"rotary positions need an even d_head, got {d_head}.")
     if vocab is not None and len(vocab) != d_vocab:
         raise InputError(f"vocab has {len(vocab)} tokens but d_vocab={d_vocab}.")
-    cfg = dict(
-        n_layers=n_layers,
-        n_heads=n_heads,
-        d_model=d_model,
-        d_head=d_head,
-        d_mlp=None if attn_only else (d_mlp or 4 * d_model),
-        n_ctx=n_ctx,
-        d_vocab=d_vocab,
-        attn_only=attn_only,
-        normalization_type=_NORMS[normalization],
-        positional_embedding_type="rotary" if positional == "rotary" else "standard",
-        attention_dir="causal" if causal else "bidirectional",
-        act_fn=act_fn,
-        seed=seed,
-        default_prepend_bos=False,
-    )
+    cfg = {
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "d_model": d_model,
+        "d_head": d_head,
+        "d_mlp": None if attn_only else (d_mlp or 4 * d_model),
+        "n_ctx": n_ctx,
+        "d_vocab": d_vocab,
+        "attn_only": attn_only,
+        "normalization_type": _NORMS[normalization],
+        "positional_embedding_type": "rotary" if positional == "rotary" else "standard",
+        "attention_dir": "causal" if causal else "bidirectional",
+        "act_fn": act_fn,
+        "seed": seed,
+        "default_prepend_bos": False,
+    }
+    if n_key_value_heads is not None and n_key_value_heads != n_heads:
+        cfg["n_key_value_heads"] = n_key_value_heads
     if positional == "rotary":
         # The adjacent-pair convention is the one native bridges implement; using it on
         # HookedTransformer too makes tiny models behave the same on both backends.
         cfg["rotary_adjacent_pairs"] = True
     if attn_only:
         cfg.pop("d_mlp")
-    torch.manual_seed(seed)
     model = _tl.build_model(cfg, dtype=dtype, device=device)
     meta = {"positional": positional}
     _apply_lensprobe_meta(model, meta)
@@ -211,8 +231,62 @@ def save_checkpoint(
     return path
 
 
+#: dtypes a checkpoint may declare (metadata is data: never ``getattr(torch, name)``).
+CHECKPOINT_DTYPES = {
+    "float32": torch.float32, "float64": torch.float64,
+    "float16": torch.float16, "bfloat16": torch.bfloat16,
+}
+_REQUIRED_INTS = ("n_layers", "d_model", "n_heads", "d_head", "n_ctx", "d_vocab")
+_CHOICES = {
+    "normalization_type": ("LN", "LNPre", "RMS", "RMSPre", None),
+    "positional_embedding_type": ("standard", "rotary", "shortformer"),
+    "attention_dir": ("causal", "bidirectional"),
+}
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _validate_metadata(out: dict[str, Any], where: str) -> None:
+    """Check decoded checkpoint metadata against lensprobe's schema; ModelError naming the field."""
+
+    def bad(msg: str) -> ModelError:
+        return ModelError(f"{where}: invalid checkpoint metadata: {msg}. Re-save it with lp.save_checkpoint.")
+
+    if out["dtype"] not in CHECKPOINT_DTYPES:
+        raise bad(f"dtype {out['dtype']!r} is not one of {sorted(CHECKPOINT_DTYPES)}")
+    cfg = out["config"]
+    if not isinstance(cfg, dict):
+        raise bad("'config' is missing or not a JSON object")
+    for key in _REQUIRED_INTS:
+        if not _positive_int(cfg.get(key)):
+            raise bad(f"config[{key!r}] must be a positive integer, got {cfg.get(key)!r}")
+    for key in ("d_mlp", "n_key_value_heads", "rotary_dim"):
+        if cfg.get(key) is not None and not _positive_int(cfg[key]):
+            raise bad(f"config[{key!r}] must be a positive integer or null, got {cfg[key]!r}")
+    kv = cfg.get("n_key_value_heads")
+    if kv is not None and cfg["n_heads"] % kv:
+        raise bad(f"n_key_value_heads={kv} does not divide n_heads={cfg['n_heads']}")
+    if not cfg.get("attn_only", False) and not _positive_int(cfg.get("d_mlp")):
+        raise bad("a model with MLPs needs config['d_mlp'] (a positive integer)")
+    for key, choices in _CHOICES.items():
+        if key in cfg and cfg[key] not in choices:
+            raise bad(f"config[{key!r}] = {cfg[key]!r} is not one of {choices}")
+    if "act_fn" in cfg and cfg["act_fn"] is not None and not isinstance(cfg["act_fn"], str):
+        raise bad(f"config['act_fn'] must be a string, got {cfg['act_fn']!r}")
+    opts = out["lensprobe"]
+    if opts is not None and not (isinstance(opts, dict) and opts.get("positional", "standard") in _POSITIONAL):
+        raise bad(f"'lensprobe' options {opts!r} (positional must be one of {_POSITIONAL})")
+    vocab = out["vocab"]
+    if vocab is not None and not (
+        isinstance(vocab, list) and len(vocab) == cfg["d_vocab"] and all(isinstance(t, str) for t in vocab)
+    ):
+        raise bad(f"'vocab' must be a list of {cfg['d_vocab']} strings")
+
+
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
-    """The decoded metadata of a lensprobe checkpoint (config, options, vocab, extra)."""
+    """The decoded, validated metadata of a lensprobe checkpoint (config, options, vocab, extra)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {str(path)!r} does not exist.")
@@ -228,7 +302,11 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
         )
     out: dict[str, Any] = {"dtype": raw.get("dtype", "float32"), "saved_with": raw.get("saved_with")}
     for key in ("config", "lensprobe", "vocab", "extra"):
-        out[key] = json.loads(raw[key]) if key in raw else None
+        try:
+            out[key] = json.loads(raw[key]) if key in raw else None
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{str(path)!r}: checkpoint metadata {key!r} is not valid JSON: {e}") from e
+    _validate_metadata(out, repr(str(path)))
     return out
 
 
@@ -236,10 +314,12 @@ def load_checkpoint(
     path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> Any:
     """Load a portable checkpoint onto the installed backend (eval mode)."""
+    device = _tl.check_device(device)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise InputError(f"dtype must be a torch.dtype such as torch.float64, got {dtype!r}.")
     meta = read_checkpoint_metadata(path)
-    ckpt_dtype = getattr(torch, meta["dtype"])
     model = _tl.build_model(
-        dict(meta["config"], init_weights=False), dtype=ckpt_dtype, device=device
+        dict(meta["config"], init_weights=False), dtype=CHECKPOINT_DTYPES[meta["dtype"]], device=device
     )
     sd = load_file(str(path))
     _tl.load_portable_state_dict(model, sd)
