@@ -28,7 +28,7 @@ import torch
 from ._tl import final_hook
 from .core import capture_acts, guard, hooked_fn, progress_bar, run_hooked, vjp_rows
 from .errors import InputError
-from .inputs import check_finite, check_hook, model_dtype, to_tokens
+from .inputs import check_finite, check_hook, index_list, model_dtype, to_tokens
 from .models import str_tokens
 from .tasks.counting import insert_separators
 
@@ -842,7 +842,9 @@ def collapse_curve(
             lengths = [2**k for k in range(1, 20) if fits(2**k)]
             if not lengths:
                 raise InputError(f"no pair length fits the model's n_ctx={n_ctx}.")
-        lengths = sorted(set(int(n) for n in lengths))
+        lengths = sorted(set(index_list(lengths, "lengths", "lengths=[2, 4, 8, 16]")))
+        if lengths[0] < 1:
+            raise InputError(f"lengths must be positive item counts n >= 1, got {lengths[0]}.")
         pairs = [make(n) for n in lengths]
         for n, (a, b) in zip(lengths, pairs):
             if max(len(a), len(b)) > n_ctx:
