@@ -24,6 +24,7 @@ __all__ = [
     "check_finite",
     "check_float_dtype",
     "model_device",
+    "move_model",
     "resolve_device",
 ]
 
@@ -52,6 +53,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             " use device='cpu'."
         )
     return dev
+
+
+def move_model(model: Any, device: str | torch.device | None) -> Any:
+    """``model`` on ``device`` (checked by :func:`resolve_device`), moved without the
+    "Moving model to device" line TransformerLens's ``to`` prints; unchanged if there."""
+    dev = resolve_device(device)
+    here = model_device(model)
+    if here.type == dev.type and (dev.index is None or here.index == dev.index):
+        return model
+    return model.to(dev, print_details=False)
 
 
 def _has_tokenizer(model: Any) -> bool:
