@@ -171,12 +171,12 @@ def collapse_one(pair: str) -> dict:
     }
 
 
-MEM_CFG = dict(n_layers=2, n_heads=4, d_model=64, d_mlp=256, n=1024)
+MEM_CFG = {"n_layers": 2, "n_heads": 4, "d_model": 64, "d_mlp": 256, "n": 1024}
 MEM_METHODS = {  # name -> sensitivity keyword arguments
     "exact": {},
-    "hutch8": dict(method="hutchinson", n_probes=8),
-    "hutch32": dict(method="hutchinson", n_probes=32),
-    "hutch8_one_batch": dict(method="hutchinson", n_probes=8, chunk_size=8),
+    "hutch8": {"method": "hutchinson", "n_probes": 8},
+    "hutch32": {"method": "hutchinson", "n_probes": 32},
+    "hutch8_one_batch": {"method": "hutchinson", "n_probes": 8, "chunk_size": 8},
 }
 
 

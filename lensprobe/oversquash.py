@@ -25,7 +25,15 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ._tl import final_hook
-from .core import capture_acts, cast, guard, hooked_fn, progress_bar, run_hooked, vjp_rows
+from .core import (
+    capture_acts,
+    cast,
+    guard,
+    hooked_fn,
+    progress_bar,
+    run_hooked,
+    vjp_rows,
+)
 from .errors import InputError
 from .inputs import check_finite, check_hook, index_list, to_tokens
 from .models import str_tokens
@@ -306,7 +314,7 @@ def _exact_rows(
     B = x0.shape[0]
     cot = torch.zeros(D, B, D, dtype=x0.dtype, device=x0.device)
     cot[torch.arange(D), :, torch.arange(D)] = 1
-    kw = dict(chunk_size=chunk_size, max_memory_mb=max_memory_mb)
+    kw = {"chunk_size": chunk_size, "max_memory_mb": max_memory_mb}
     if not spectral:
         sq = vjp_rows(fn, x0, cot, reduce=lambda g: g.pow(2).sum(-1).sum(0).double(), **kw)
         return sq.cpu(), None
@@ -648,8 +656,9 @@ class CollapseCurve:
 
     def show(self) -> Any:
         """A small page: the plot and the thresholds table."""
-        from .views import View, escape, figure_html
         import matplotlib.pyplot as plt
+
+        from .views import View, escape, figure_html
 
         fig = self.plot()
         img = figure_html(fig, alt="collapse curve")

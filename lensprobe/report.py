@@ -426,7 +426,7 @@ def run_report(
             sec = fn(ctx)
         except Skip as why:
             sec = Section(sec_name, sec_name, skipped=str(why))
-        except Exception as e:  # one broken section must not cost the others
+        except Exception as e:  # noqa: BLE001 -- one broken section must not cost the others
             sec = Section(sec_name, sec_name, failed=f"{type(e).__name__}: {e}",
                           traceback="".join(traceback.format_exception(e)[-_TB_LINES:]))
         sec.seconds = time.perf_counter() - t

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import cached_graphs
 
 import lensprobe as lp
-from conftest import cached_graphs
 from lensprobe import cli, core, report
 
 TOKENS = torch.tensor([[1, 5, 2, 7, 3, 9]])
@@ -32,7 +32,7 @@ def _hf_dir(root, kind: str):
     specials = {"unk_token": "<unk>", "bos_token": "<unk>", "eos_token": "<unk>"}
     (path / "tokenizer_config.json").write_text(
         json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **specials}))
-    ids = dict(bos_token_id=40, eos_token_id=40)
+    ids = {"bos_token_id": 40, "eos_token_id": 40}
     if kind == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=41, n_positions=32, n_ctx=32, n_embd=16,
                                       n_layer=2, n_head=2, **ids)
