@@ -17,6 +17,7 @@ Three pieces every extractor uses:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from . import _tl
 from .errors import InputError
 from .inputs import check_finite, check_hook, to_tokens
 
-__all__ = ["guard", "cast", "run_hooked", "hooked_fn", "vjp_rows", "jvp_cols", "jacobian"]
+__all__ = ["guard", "cast", "copy_model", "run_hooked", "hooked_fn", "vjp_rows", "jvp_cols", "jacobian"]
 
 _TORCH_HOOK_DICTS = (
     "_forward_hooks",
@@ -79,7 +80,7 @@ def guard(model: Any) -> Iterator[Any]:
         # HF bridges cache the attention pattern as a plain attribute
         # (``blocks[l]._original_component.attn._pattern``): after a grad-mode forward it
         # holds the whole graph, keeps its memory and makes copy.deepcopy fail.
-        _restore_tensor_attrs(model, attrs, _holds_graph)
+        _restore_attrs(model, attrs, _holds_graph)
         for m, saved in torch_hooks:
             for attr, content in saved.items():
                 d = getattr(m, attr)
@@ -123,18 +124,18 @@ def _snapshot_attrs(modules: Sequence[torch.nn.Module]) -> dict[int, tuple[dict,
     }
 
 
-def _restore_tensor_attrs(
+def _restore_attrs(
     model: Any, snapshot: dict[int, tuple[dict, set]], which: Callable[[Any], bool]
 ) -> None:
-    """Put back every module attribute that is a tensor selected by ``which`` and that
-    the run created or replaced: its value from the snapshot comes back (the same object),
-    or it is deleted when it did not exist then. A tensor that gained a graph in place
-    is detached; one that already held a graph then (the user's own) is left alone."""
+    """Put back every module attribute selected by ``which`` that the run created or
+    replaced: its value from the snapshot comes back (the same object), or it is deleted
+    when it did not exist then. A tensor that gained a graph in place is detached; one
+    that already held a graph then (the user's own) is left alone."""
     for m in _reachable_modules(model):
         before, had_graph = snapshot.get(id(m), ({}, set()))
         d = vars(m)
         for k, v in list(d.items()):
-            if not isinstance(v, torch.Tensor) or not which(v):
+            if not which(v):
                 continue
             if k not in before:
                 del d[k]
@@ -142,6 +143,28 @@ def _restore_tensor_attrs(
                 d[k] = before[k]
             elif _holds_graph(v) and k not in had_graph:
                 d[k] = v.detach()
+
+
+def _is_data(value: Any) -> bool:
+    """Tensors and plain values: what a forward pass caches on a module (patterns, rotary
+    tables and the lengths they were built for), as opposed to its structure."""
+    return value is None or isinstance(value, (torch.Tensor, int, float, complex, str))
+
+
+def copy_model(model: Any) -> Any:
+    """``copy.deepcopy(model)`` that also works after a grad-mode forward.
+
+    ``deepcopy`` refuses tensors that carry an autograd graph, and HF bridges keep one
+    on their modules after any grad-mode forward (``_pattern``); the copy gets those
+    cached tensors detached, the original keeps its own.
+    """
+    memo = {
+        id(v): v.detach().clone()
+        for m in _reachable_modules(model)
+        for v in vars(m).values()
+        if _holds_graph(v)
+    }
+    return copy.deepcopy(model, memo)
 
 
 @contextmanager
@@ -153,8 +176,8 @@ def cast(model: Any, dtype: torch.dtype) -> Iterator[Any]:
     Inside, TransformerLens's own ``to`` (which keeps ``cfg.dtype`` in step, silently)
     casts every parameter and buffer; on exit the original storage objects come back, so
     weights are bit-identical (a bf16 round trip would lose them), ``cfg.dtype`` is reset,
-    and tensors that modules cached during the block (computed in ``dtype``) are put
-    back. Use inside :func:`guard`.
+    and the tensors and plain values that modules cached on themselves during the block
+    (computed in ``dtype``) are put back. Use inside :func:`guard`.
     """
     modules = _reachable_modules(model)
     params = list({id(p): p for m in modules for p in m._parameters.values() if p is not None}.values())
@@ -179,7 +202,9 @@ def cast(model: Any, dtype: torch.dtype) -> Iterator[Any]:
             m._buffers[k] = b
         if cfg_dtype is not None:
             cfg.dtype = cfg_dtype
-        _restore_tensor_attrs(model, snapshot, lambda v: True)
+        # A forward pass in ``dtype`` may have cached tensors in ``dtype`` together with
+        # the numbers they belong to (a RoPE table and its length): put both back.
+        _restore_attrs(model, snapshot, _is_data)
 
 
 def progress_bar(iterable: Any, enabled: bool, desc: str, total: int | None = None) -> Any:

@@ -4,6 +4,7 @@ probes under a memory bound, and one check for every ``layers=`` argument."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -172,6 +173,21 @@ def test_collapse_curve_after_a_grad_mode_forward(hf_dirs, kind, fingerprint):
     torch.testing.assert_close(low, _reference_linf(hf_dirs[kind], torch.bfloat16, pairs))
 
 
+def test_copy_model_after_a_grad_mode_forward(hf_dirs, fingerprint):
+    model = lp.load_model(hf_dirs["gpt2"])
+    model(TOKENS)
+    if lp._tl.is_bridge(model):  # the bridge keeps a graph: plain deepcopy would raise
+        assert cached_graphs(model)
+        with pytest.raises(RuntimeError, match="deepcopy"):
+            copy.deepcopy(model)
+    before = fingerprint(model)
+    twin = core.copy_model(model)
+    assert fingerprint(model) == before and cached_graphs(twin) == []
+    assert twin.blocks[0].attn is not model.blocks[0].attn
+    with torch.no_grad():
+        torch.testing.assert_close(twin(TOKENS), model(TOKENS), rtol=0, atol=0)
+
+
 def test_cast_restores_the_model_when_the_run_raises(tiny, fingerprint):
     model = tiny(dtype=torch.float32)
 
@@ -190,6 +206,25 @@ def test_cast_restores_the_model_when_the_run_raises(tiny, fingerprint):
     assert all(p.data_ptr() == ptr and p.dtype == torch.float32 for p, ptr in params)
     assert all(b is b0 and b.dtype == dt for b, (b0, dt) in zip(model.buffers(), buffers))
     assert model.cfg.dtype == torch.float32
+
+
+def test_cast_puts_back_what_modules_cached_in_the_other_dtype(tiny):
+    """A module that caches a table and the length it was built for (like RoPE) during
+    the float64 / bf16 runs must not keep them: the pair comes back as it was."""
+    model = tiny(dtype=torch.float32)
+    hp = model.hook_dict["blocks.0.hook_resid_pre"]
+    table, hp.table, hp.table_len = torch.zeros(1), None, 0
+    hp.table = table
+
+    def cache_table(act, hook):
+        hook.table, hook.table_len = act.detach()[0, :, 0], act.shape[1]
+        hook.made_here = True
+        return act
+
+    model.add_hook("blocks.0.hook_resid_pre", cache_table, is_permanent=True)
+    lp.collapse_curve(model, lengths=[2, 4], progress=False)
+    assert hp.table is table and hp.table_len == 0
+    assert not hasattr(hp, "made_here")
 
 
 # --------------------------------------------------------------------------- item 10
