@@ -21,13 +21,20 @@ to n = 8192 tokens: float64 reference plus bf16 and fp16 runs, pairs 'ones' with
 (a single forward per precision, prefix sharing) and 'repeat_last' (one forward per
 length), with time and peak memory.
 
+Probe memory (issue 11): peak memory of ``method='hutchinson'`` with 8 and 32 probes at
+their defaults against the exact method's default on a long prompt (2 layers, 4 heads,
+d 64, n 1024, float32), where the attention backward dominates; and, for contrast, 8
+probes in one batched backward (``chunk_size=8``, the old default: every probe at once).
+The default must stay within 1.5x of the exact method's peak.
+
 Every measurement runs in its own subprocess; peak memory is the growth of ru_maxrss
 over the RSS after building the model and one warm-up forward. Times are the best of
 ``REPS`` runs in that subprocess. One torch thread (``LP_BENCH_THREADS``): on this shared
 2-core machine two OpenMP threads under load made timings meaningless.
 
 Run from the repository root: ``python benchmarks/bench_oversquash.py`` (``make bench``).
-Writes benchmarks/results/oversquash.json.
+Writes benchmarks/results/oversquash.json; ``--probe-memory`` runs only the probe-memory
+part and updates its entry there.
 """
 
 from __future__ import annotations
@@ -164,6 +171,43 @@ def collapse_one(pair: str) -> dict:
     }
 
 
+MEM_CFG = {"n_layers": 2, "n_heads": 4, "d_model": 64, "d_mlp": 256, "n": 1024}
+MEM_METHODS = {  # name -> sensitivity keyword arguments
+    "exact": {},
+    "hutch8": {"method": "hutchinson", "n_probes": 8},
+    "hutch32": {"method": "hutchinson", "n_probes": 32},
+    "hutch8_one_batch": {"method": "hutchinson", "n_probes": 8, "chunk_size": 8},
+}
+
+
+def probe_memory_one(name: str) -> dict:
+    c = MEM_CFG
+    model = lp.tiny_model(n_layers=c["n_layers"], n_heads=c["n_heads"], d_model=c["d_model"],
+                          d_mlp=c["d_mlp"], n_ctx=c["n"], d_vocab=512, seed=0)
+    toks = torch.randint(0, 512, (1, c["n"]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(toks)
+    base = _rss_mb()
+    t = time.perf_counter()
+    lp.sensitivity(model, toks, progress=False, **MEM_METHODS[name])
+    return {"method": name, "time_s": time.perf_counter() - t, "peak_mb": _peak_mb() - base}
+
+
+def probe_memory() -> dict:
+    c = MEM_CFG
+    print(f"probe memory: d {c['d_model']}, {c['n_layers']} layers, {c['n_heads']} heads,"
+          f" n {c['n']}, float32 (peak RSS growth, one subprocess each)")
+    r = {m: _spawn("--probe-memory-one", m) for m in MEM_METHODS}
+    exact = r["exact"]["peak_mb"]
+    for m, v in r.items():
+        v["peak_over_exact"] = v["peak_mb"] / max(exact, 1e-9)
+        print(f"  {m:17s} {v['time_s']:7.2f} s  peak +{v['peak_mb']:7.1f} MB"
+              f"  {v['peak_over_exact']:.2f}x exact")
+    ok = all(r[m]["peak_over_exact"] <= 1.5 for m in ("hutch8", "hutch32"))
+    print(f"  defaults within 1.5x of exact: {ok}")
+    return {"config": c, "methods": r, "defaults_within_1_5x_exact": ok}
+
+
 # --------------------------------------------------------------------------- driver
 def _spawn(*args: str) -> dict:
     env = dict(os.environ, LP_BENCH_THREADS=str(THREADS))
@@ -217,11 +261,13 @@ def main() -> None:
         print(f"  {p:12s} {v['time_s']:6.1f} s  peak +{v['peak_mb']:.0f} MB  max tokens {v['max_tokens']}"
               f"  slope {v['slope_linf']:.2f}  n*: " + ", ".join(
                   f"{k} {v['thresholds'][k]:.4g} (fit {v['thresholds_fit'][k]:.4g})" for k in v["thresholds"]))
+    mem = probe_memory()
     for v in r.values():
         v.pop("profile", None)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"config": CFG, "threads": THREADS, "reps": REPS, "methods": r,
-                               "summary": summary, "collapse": coll}, indent=2))
+                               "summary": summary, "collapse": coll, "probe_memory": mem},
+                              indent=2))
     print(f"wrote {OUT.relative_to(HERE.parent)}")
 
 
@@ -230,5 +276,13 @@ if __name__ == "__main__":
         print(json.dumps(one(sys.argv[2])))
     elif len(sys.argv) == 3 and sys.argv[1] == "--collapse":
         print(json.dumps(collapse_one(sys.argv[2])))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--probe-memory-one":
+        print(json.dumps(probe_memory_one(sys.argv[2])))
+    elif len(sys.argv) == 2 and sys.argv[1] == "--probe-memory":
+        results = json.loads(OUT.read_text()) if OUT.exists() else {}
+        results["probe_memory"] = probe_memory()
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(results, indent=2))
+        print(f"wrote {OUT.relative_to(HERE.parent)}")
     else:
         main()

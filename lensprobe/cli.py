@@ -22,7 +22,10 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Run every lensprobe analysis on a model and write report.html (self-contained:"
             " plots, circuitsvis views and graphs inline, no network) and report.json (the"
-            " headline figures). With no --model: the embedded default (lp.zoo)."
+            " headline figures). With no --model: the embedded default (lp.zoo). Exit"
+            " status: 0 when every section ran, 1 when a section failed (the page and the"
+            " JSON show which, with its error), 2 for bad arguments or a model that cannot"
+            " be loaded."
         ),
     )
     r.add_argument(
@@ -81,7 +84,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {result.html_path} and {result.json_path} in {result.seconds:.1f} s")
     for s in result.sections:
         status = "ok" if s.skipped is None else f"skipped: {s.skipped}"
+        if s.failed is not None:
+            status = "FAILED (see stderr)"
         print(f"  {s.name:<13} {status}")
+    for s in result.failed:
+        print(f"lensprobe: error: section {s.name!r} failed: {s.failed}\n{s.traceback}",
+              file=sys.stderr)
+    if result.failed:
+        names = ", ".join(s.name for s in result.failed)
+        print(f"lensprobe: {len(result.failed)} section(s) failed ({names}); the other"
+              " sections were written.", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -17,6 +17,7 @@ Three pieces every extractor uses:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from . import _tl
 from .errors import InputError
 from .inputs import check_finite, check_hook, to_tokens
 
-__all__ = ["guard", "run_hooked", "hooked_fn", "vjp_rows", "jvp_cols", "jacobian"]
+__all__ = ["guard", "cast", "copy_model", "run_hooked", "hooked_fn", "vjp_rows", "jvp_cols", "jacobian"]
 
 _TORCH_HOOK_DICTS = (
     "_forward_hooks",
@@ -48,8 +49,11 @@ def guard(model: Any) -> Iterator[Any]:
     Inside: ``model.eval()``, every parameter ``requires_grad=False``. On exit (normal or
     exception): every module's ``training`` flag, every parameter's ``requires_grad``,
     every torch hook dict and every HookPoint's TransformerLens handles are put back as
-    they were, so hooks the user registered stay and hooks lensprobe added go. Weights
-    are never written by lensprobe's extractors; the tests check the state-dict hash.
+    they were, so hooks the user registered stay and hooks lensprobe added go; tensors
+    that modules cached as attributes during the run and that carry an autograd graph
+    are put back to their previous values (or deleted if new), so no graph outlives the
+    call. Weights are never written by lensprobe's extractors; the tests
+    check the state-dict hash.
     """
     _tl.require_model(model)
     modules = list(model.modules())
@@ -66,12 +70,17 @@ def guard(model: Any) -> Iterator[Any]:
         if isinstance(m, _tl.HookPoint)
     ]
     context_level = getattr(model, "context_level", None)
+    attrs = _snapshot_attrs(_reachable_modules(model))
     try:
         model.eval()
         for p in params:
             p.requires_grad_(False)
         yield model
     finally:
+        # HF bridges cache the attention pattern as a plain attribute
+        # (``blocks[l]._original_component.attn._pattern``): after a grad-mode forward it
+        # holds the whole graph, keeps its memory and makes copy.deepcopy fail.
+        _restore_attrs(model, attrs, _holds_graph)
         for m, saved in torch_hooks:
             for attr, content in saved.items():
                 d = getattr(m, attr)
@@ -87,6 +96,116 @@ def guard(model: Any) -> Iterator[Any]:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
         _tl.release_cached_graphs(model)
+
+
+def _holds_graph(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.grad_fn is not None
+
+
+def _reachable_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every module reachable from ``model``: its submodules and modules kept as plain
+    attributes (a TransformerBridge's ``original_model`` is not registered)."""
+    seen: dict[int, torch.nn.Module] = {}
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen[id(m)] = m
+        stack.extend(c for c in m._modules.values() if c is not None)
+        stack.extend(v for v in vars(m).values() if isinstance(v, torch.nn.Module))
+    return list(seen.values())
+
+
+def _snapshot_attrs(modules: Sequence[torch.nn.Module]) -> dict[int, tuple[dict, set]]:
+    """Each module's attributes (shallow) and the names of those that hold a graph."""
+    return {
+        id(m): (dict(vars(m)), {k for k, v in vars(m).items() if _holds_graph(v)})
+        for m in modules
+    }
+
+
+def _restore_attrs(
+    model: Any, snapshot: dict[int, tuple[dict, set]], which: Callable[[Any], bool]
+) -> None:
+    """Put back every module attribute selected by ``which`` that the run created or
+    replaced: its value from the snapshot comes back (the same object), or it is deleted
+    when it did not exist then. A tensor that gained a graph in place is detached; one
+    that already held a graph then (the user's own) is left alone."""
+    for m in _reachable_modules(model):
+        before, had_graph = snapshot.get(id(m), ({}, set()))
+        d = vars(m)
+        for k, v in list(d.items()):
+            if not which(v):
+                continue
+            if k not in before:
+                del d[k]
+            elif before[k] is not v:
+                d[k] = before[k]
+            elif _holds_graph(v) and k not in had_graph:
+                d[k] = v.detach()
+
+
+def _is_data(value: Any) -> bool:
+    """Tensors and plain values: what a forward pass caches on a module (patterns, rotary
+    tables and the lengths they were built for), as opposed to its structure."""
+    return value is None or isinstance(value, (torch.Tensor, int, float, complex, str))
+
+
+def copy_model(model: Any) -> Any:
+    """``copy.deepcopy(model)`` that also works after a grad-mode forward.
+
+    ``deepcopy`` refuses tensors that carry an autograd graph, and HF bridges keep one
+    on their modules after any grad-mode forward (``_pattern``); the copy gets those
+    cached tensors detached, the original keeps its own.
+    """
+    memo = {
+        id(v): v.detach().clone()
+        for m in _reachable_modules(model)
+        for v in vars(m).values()
+        if _holds_graph(v)
+    }
+    return copy.deepcopy(model, memo)
+
+
+@contextmanager
+def cast(model: Any, dtype: torch.dtype) -> Iterator[Any]:
+    """``model`` itself cast to ``dtype`` for the block, then restored exactly.
+
+    A copy is not an option: ``copy.deepcopy`` fails on any model whose modules cached a
+    graph-holding tensor (HF bridges after a grad-mode forward), and it doubles memory.
+    Inside, TransformerLens's own ``to`` (which keeps ``cfg.dtype`` in step, silently)
+    casts every parameter and buffer; on exit the original storage objects come back, so
+    weights are bit-identical (a bf16 round trip would lose them), ``cfg.dtype`` is reset,
+    and the tensors and plain values that modules cached on themselves during the block
+    (computed in ``dtype``) are put back. Use inside :func:`guard`.
+    """
+    modules = _reachable_modules(model)
+    params = list({id(p): p for m in modules for p in m._parameters.values() if p is not None}.values())
+    if all(p.dtype == dtype for p in params if p.is_floating_point()):
+        yield model
+        return
+    data = [(p, p.data, p.grad, None if p.grad is None else p.grad.data) for p in params]
+    buffers = [(m, k, b) for m in modules for k, b in m._buffers.items()]
+    cfg = getattr(model, "cfg", None)
+    cfg_dtype = getattr(cfg, "dtype", None)
+    snapshot = _snapshot_attrs(modules)
+    try:
+        model.to(dtype, print_details=False)
+        yield model
+    finally:
+        for p, d, g, gd in data:
+            p.data = d
+            if g is not None:
+                g.data = gd
+            p.grad = g
+        for m, k, b in buffers:
+            m._buffers[k] = b
+        if cfg_dtype is not None:
+            cfg.dtype = cfg_dtype
+        # A forward pass in ``dtype`` may have cached tensors in ``dtype`` together with
+        # the numbers they belong to (a RoPE table and its length): put both back.
+        _restore_attrs(model, snapshot, _is_data)
 
 
 def progress_bar(iterable: Any, enabled: bool, desc: str, total: int | None = None) -> Any:
@@ -215,14 +334,26 @@ def _saved_bytes(fn: Callable, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return y, total
 
 
+# Default bound on one chunk's backward working set when neither chunk_size nor
+# max_memory_mb is given: batching helps small models, and a fixed chunk of 32 rows at
+# n = 8192 needed 4.5x the memory of one row (issue 11).
+DEFAULT_CHUNK_MB = 256.0
+MAX_DEFAULT_CHUNK = 32
+
+
 def _chunk_size(chunk_size: int | None, max_memory_mb: float | None, per_row: int) -> int:
+    """Rows per batched backward: ``chunk_size`` if given, else as many as fit
+    ``max_memory_mb`` (default :data:`DEFAULT_CHUNK_MB`, at most
+    :data:`MAX_DEFAULT_CHUNK` rows), counting ``per_row`` bytes per row; at least 1."""
     if chunk_size is not None:
-        if chunk_size < 1:
-            raise InputError(f"chunk_size must be >= 1, got {chunk_size}.")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise InputError(f"chunk_size must be an int >= 1, got {chunk_size!r}.")
         return chunk_size
-    if max_memory_mb is None:
-        return 32
-    return max(1, int(max_memory_mb * 2**20 // max(per_row, 1)))
+    if max_memory_mb is not None:
+        if not max_memory_mb > 0:
+            raise InputError(f"max_memory_mb must be positive, got {max_memory_mb!r}.")
+        return max(1, int(max_memory_mb * 2**20 // max(per_row, 1)))
+    return max(1, min(MAX_DEFAULT_CHUNK, int(DEFAULT_CHUNK_MB * 2**20 // max(per_row, 1))))
 
 
 def vjp_rows(
@@ -233,6 +364,7 @@ def vjp_rows(
     chunk_size: int | None = None,
     max_memory_mb: float | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    per_row: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Vector-Jacobian products ``v^T (d fn / d x)`` for each row ``v`` of ``cotangents``.
 
@@ -240,21 +372,26 @@ def vjp_rows(
     ``is_grads_batched``) over chunks of cotangents. ``cotangents`` has shape
     [k, *fn(x).shape]; the result [k, *x.shape]. The chunk size is ``chunk_size`` if
     given, else chosen so that one chunk's backward working set (measured as the bytes
-    autograd saved in the forward, per cotangent) stays under ``max_memory_mb``.
-    ``reduce`` maps each chunk's products [c, *x.shape] to a summary that is summed over
-    chunks and returned instead (e.g. squared norms), so only one chunk is ever held.
-    A chunk size of 1 runs plain backward passes, which is fastest per row on CPU.
+    autograd saved in the forward, per cotangent) stays under ``max_memory_mb``
+    (default :data:`DEFAULT_CHUNK_MB`). Only one chunk's products are held at a time
+    when ``reduce`` or ``per_row`` is given: ``reduce`` maps each chunk's products
+    [c, *x.shape] to a summary that is summed over chunks (e.g. squared norms);
+    ``per_row`` maps them to [c, ...] per-row values that are concatenated (e.g. each
+    probe's squared norm). A chunk size of 1 runs plain backward passes, which is
+    fastest per row on CPU. The result does not depend on the chunk size.
     """
+    if reduce is not None and per_row is not None:
+        raise InputError("pass reduce or per_row, not both.")
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        y, per_row = _saved_bytes(fn, x)
+        y, saved = _saved_bytes(fn, x)
     if not y.requires_grad:
         raise InputError("the captured activation does not depend on the injected tensor.")
     if tuple(cotangents.shape[1:]) != tuple(y.shape):
         raise InputError(
             f"cotangents must have shape [k, *{tuple(y.shape)}], got {tuple(cotangents.shape)}."
         )
-    cs = _chunk_size(chunk_size, max_memory_mb, per_row)
+    cs = _chunk_size(chunk_size, max_memory_mb, saved)
     k = cotangents.shape[0]
     outs = []
     total: torch.Tensor | None = None
@@ -267,16 +404,21 @@ def vjp_rows(
             (g,) = torch.autograd.grad(
                 y, x, grad_outputs=chunk, retain_graph=i + cs < k, is_grads_batched=True
             )
-        if reduce is None:
-            outs.append(g)
-        else:
+        if reduce is not None:
             r = reduce(g)
             total = r if total is None else total + r
+        else:
+            outs.append(g if per_row is None else per_row(g))
+        del g
     if reduce is not None:
         if total is None:
             raise InputError("no cotangents given: nothing to reduce.")
         return total
-    return torch.cat(outs) if outs else x.new_zeros((0, *x.shape))
+    if not outs:
+        if per_row is not None:
+            raise InputError("no cotangents given: nothing to compute.")
+        return x.new_zeros((0, *x.shape))
+    return torch.cat(outs)
 
 
 def jvp_cols(

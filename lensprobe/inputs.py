@@ -7,6 +7,7 @@ Every check raises :class:`lensprobe.errors.InputError` (a ``ValueError``) or
 from __future__ import annotations
 
 import difflib
+import operator
 from typing import Any, Sequence
 
 import torch
@@ -18,10 +19,12 @@ __all__ = [
     "to_tokens",
     "check_hook",
     "check_layer",
+    "check_layers",
     "check_head",
     "check_finite",
     "check_float_dtype",
     "model_device",
+    "move_model",
     "resolve_device",
 ]
 
@@ -50,6 +53,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             " use device='cpu'."
         )
     return dev
+
+
+def move_model(model: Any, device: str | torch.device | None) -> Any:
+    """``model`` on ``device`` (checked by :func:`resolve_device`), moved without the
+    "Moving model to device" line TransformerLens's ``to`` prints; unchanged if there."""
+    dev = resolve_device(device)
+    here = model_device(model)
+    if here.type == dev.type and (dev.index is None or here.index == dev.index):
+        return model
+    return model.to(dev, print_details=False)
 
 
 def _has_tokenizer(model: Any) -> bool:
@@ -166,6 +179,20 @@ def check_hook(model: Any, name: str) -> str:
     )
 
 
+def _as_index(value: Any) -> int | None:
+    """``value`` as a Python int if it is an integer (int, NumPy or 0-d torch integer), else None.
+
+    Bools are not layer indices, and floats are never truncated: ``2.5`` must not
+    silently become layer 2.
+    """
+    if isinstance(value, bool) or isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_layer(model: Any, layer: int, *, allow_end: bool = False) -> int:
     """Validate a layer index (negative counts from the end) and return it non-negative.
 
@@ -173,14 +200,18 @@ def check_layer(model: Any, layer: int, *, allow_end: bool = False) -> int:
     """
     n = model.cfg.n_layers
     top = n + 1 if allow_end else n
-    if not isinstance(layer, (int,)) or isinstance(layer, bool):
-        raise InputError(f"layer must be an int, got {type(layer).__name__}.")
-    if not -top <= layer < top:
+    index = _as_index(layer)
+    if index is None:
         raise InputError(
-            f"layer {layer} is out of range: the model has {n} layers, valid layers are"
+            f"layer must be an int, got {type(layer).__name__} {layer!r}; pass a layer index"
+            " such as 0 or -1."
+        )
+    if not -top <= index < top:
+        raise InputError(
+            f"layer {index} is out of range: the model has {n} layers, valid layers are"
             f" 0..{top - 1} (or negative from the end)."
         )
-    return layer % top
+    return index % top
 
 
 def check_head(model: Any, head: int) -> int:
@@ -192,13 +223,42 @@ def check_head(model: Any, head: int) -> int:
     return head % n
 
 
+def index_list(values: Any, what: str, example: str) -> list[int]:
+    """An int or a sequence of ints (list, tuple, range, 1-D tensor or array) as a list.
+
+    Anything else -- a float, a string, a nested list, an empty sequence -- raises an
+    InputError naming ``what`` was passed; ``example`` shows a valid value in the message.
+    """
+    one = _as_index(values)
+    if one is not None:
+        return [one]
+    if hasattr(values, "tolist") and getattr(values, "ndim", None) == 1:
+        values = values.tolist()  # a 1-D torch tensor or NumPy array
+    if not isinstance(values, (list, tuple, range)):
+        raise InputError(
+            f"{what} must be an int or a sequence of ints, got {type(values).__name__}"
+            f" {values!r}; e.g. {example}."
+        )
+    values = list(values)
+    if not values:
+        raise InputError(f"{what} is empty: pass at least one value, e.g. {example}.")
+    bad = [v for v in values if _as_index(v) is None]
+    if bad:
+        raise InputError(
+            f"{what} must hold ints, got {type(bad[0]).__name__} {bad[0]!r} in {values!r};"
+            f" e.g. {example}."
+        )
+    return [operator.index(v) for v in values]
+
+
 def check_layers(model: Any, layers: Sequence[int] | int | None) -> list[int]:
-    """``None`` -> all layers; an int or a list -> validated, non-negative list."""
+    """The one check of every ``layers=`` argument: ``None`` -> all layers; an int or a
+    sequence of ints -> a validated, non-negative list (negative indices count from the
+    end); anything else is an InputError that names what was passed."""
     if layers is None:
         return list(range(model.cfg.n_layers))
-    if isinstance(layers, int):
-        layers = [layers]
-    return [check_layer(model, int(l)) for l in layers]
+    example = "layers=0, layers=[0, 2], or None for all layers"
+    return [check_layer(model, l) for l in index_list(layers, "layers", example)]
 
 
 def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:

@@ -18,7 +18,6 @@ Three instruments:
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -26,9 +25,17 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ._tl import final_hook
-from .core import capture_acts, guard, hooked_fn, progress_bar, run_hooked, vjp_rows
+from .core import (
+    capture_acts,
+    cast,
+    guard,
+    hooked_fn,
+    progress_bar,
+    run_hooked,
+    vjp_rows,
+)
 from .errors import InputError
-from .inputs import check_finite, check_hook, model_dtype, to_tokens
+from .inputs import check_finite, check_hook, index_list, to_tokens
 from .models import str_tokens
 from .tasks.counting import insert_separators
 
@@ -213,6 +220,13 @@ def sensitivity(
     (``E[v v^T] = I``); ``n_probes`` VJPs give the mean and its standard error
     ``std / sqrt(n_probes)``; the norm's error is propagated by the delta method
     (``se / (2 ||J_i||_F)``).
+
+    Memory: both methods run one forward pass and then backward passes over chunks of
+    cotangents (unit rows or probes), keeping only per-row squared norms. The chunk is
+    ``chunk_size`` if given, else as many rows as fit ``max_memory_mb`` (counting the
+    bytes the forward saved per row); with neither, one row per backward pass on CPU
+    and the core's default bound (:data:`lensprobe.core.DEFAULT_CHUNK_MB`) on
+    accelerators. The chunking never changes the result.
     """
     if method not in ("exact", "hutchinson"):
         raise InputError(f"method must be 'exact' or 'hutchinson', got {method!r}.")
@@ -238,6 +252,7 @@ def sensitivity(
         x0 = capture_acts(model, toks, [source])[source]
         check_finite(x0, f"source activation {source!r}")
         gen = torch.Generator(device="cpu").manual_seed(seed)
+        cs = _default_chunk(x0, chunk_size, max_memory_mb)
         B, N = toks.shape
         norms, errs, specs = [], [], []
         for t in progress_bar(targets, progress and len(targets) > 1, "targets"):
@@ -245,14 +260,16 @@ def sensitivity(
             with torch.no_grad():
                 D = fn(x0).shape[-1]
             if method == "exact":
-                sq, spec = _exact_rows(fn, x0, D, spectral, chunk_size, max_memory_mb, progress)
+                sq, spec = _exact_rows(fn, x0, D, spectral, cs, max_memory_mb)
                 norms.append(sq.sqrt())
                 specs.append(spec)
             else:
+                # All probes are drawn up front (k x B x d numbers), so the chunking
+                # changes the memory, never the probes or the estimate.
                 v = torch.randint(0, 2, (n_probes, B, D), generator=gen).to(x0.dtype) * 2 - 1
-                g = vjp_rows(fn, x0, v.to(x0.device), chunk_size=chunk_size,
-                             max_memory_mb=max_memory_mb)
-                per_probe = g.pow(2).sum(-1).double()  # [k, B, N]
+                per_probe = vjp_rows(fn, x0, v.to(x0.device), chunk_size=cs,
+                                     max_memory_mb=max_memory_mb,
+                                     per_row=lambda g: g.pow(2).sum(-1).double())  # [k, B, N]
                 mean = per_probe.mean(0)
                 se_sq = per_probe.std(0, unbiased=True) / math.sqrt(n_probes)
                 est = mean.sqrt()
@@ -273,30 +290,35 @@ def sensitivity(
     return out
 
 
-_DEFAULT_CHUNK = 16
+def _default_chunk(x0: torch.Tensor, chunk_size: int | None, max_memory_mb: float | None) -> int | None:
+    """Cotangents per backward pass, the same for both methods: ``chunk_size`` if given;
+    else the core's memory bound (``max_memory_mb``, or its default on accelerators);
+    on CPU with neither, 1: plain backward passes, measured as fast as batched ones
+    there and with the smallest memory (one cotangent's backward on top of the forward)."""
+    if chunk_size is not None or max_memory_mb is not None:
+        return chunk_size
+    return 1 if x0.device.type == "cpu" else None
 
 
 def _exact_rows(
     fn: Callable, x0: torch.Tensor, D: int, spectral: bool, chunk_size: int | None,
-    max_memory_mb: float | None, progress: bool,
+    max_memory_mb: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sum over output rows of ``||e_r^T J_i||^2`` -> [B, N]; spectral norms if asked.
 
-    One forward pass, then the d unit cotangents through the core's ``vjp_rows`` in chunks
-    of ``chunk_size``, keeping only the running sum of squared norms, so the memory is the
-    forward graph plus one chunk's backward. Default chunk: 1 on CPU (plain backward
-    passes: measured as fast as batched ones there, at the per-row loop's memory), 16 on
-    accelerators (batched backward). ``spectral`` keeps every row (the full Jacobian).
+    One forward pass, then the d unit cotangents through the core's ``vjp_rows`` in
+    chunks (see :func:`_default_chunk`), keeping only the running sum of squared norms,
+    so the memory is the forward graph plus one chunk's backward. ``spectral`` keeps
+    every row (the full Jacobian).
     """
     B = x0.shape[0]
     cot = torch.zeros(D, B, D, dtype=x0.dtype, device=x0.device)
     cot[torch.arange(D), :, torch.arange(D)] = 1
-    cs = chunk_size or (1 if x0.device.type == "cpu" else _DEFAULT_CHUNK)
+    kw = {"chunk_size": chunk_size, "max_memory_mb": max_memory_mb}
     if not spectral:
-        sq = vjp_rows(fn, x0, cot, chunk_size=cs, max_memory_mb=max_memory_mb,
-                      reduce=lambda g: g.pow(2).sum(-1).sum(0).double())
+        sq = vjp_rows(fn, x0, cot, reduce=lambda g: g.pow(2).sum(-1).sum(0).double(), **kw)
         return sq.cpu(), None
-    J = vjp_rows(fn, x0, cot, chunk_size=cs, max_memory_mb=max_memory_mb)  # [D, B, N, d]
+    J = vjp_rows(fn, x0, cot, **kw)  # [D, B, N, d]
     sq = J.pow(2).sum(-1).sum(0).double()
     spec = torch.linalg.matrix_norm(J.permute(1, 2, 0, 3).double(), ord=2).cpu()
     return sq.cpu(), spec
@@ -634,8 +656,9 @@ class CollapseCurve:
 
     def show(self) -> Any:
         """A small page: the plot and the thresholds table."""
-        from .views import View, escape, figure_html
         import matplotlib.pyplot as plt
+
+        from .views import View, escape, figure_html
 
         fig = self.plot()
         img = figure_html(fig, alt="collapse curve")
@@ -701,17 +724,6 @@ def _plan_runs(seqs: list[list[int]], causal: bool) -> tuple[list[list[int]], li
     return runs, where
 
 
-def _cast_copy(model: Any, dtype: torch.dtype) -> Any:
-    """The model itself if already in ``dtype``, else a deep copy cast to it (the user's
-    model is never cast in place: a round trip through bf16 would lose its weights)."""
-    if model_dtype(model) == dtype:
-        return model
-    c = copy.deepcopy(model)
-    c.to(dtype)
-    c.eval()
-    return c
-
-
 def _last_token_acts(
     model: Any,
     seqs: list[list[int]],
@@ -771,8 +783,9 @@ def collapse_curve(
     representation, plus (``per_head``) the last layer's per-head ``attn.hook_z`` whose
     per-head distances are summarised by mean, min and max over heads.
 
-    The reference runs in ``reference_dtype`` (float64) on a copy of the model; each name
-    in ``precisions`` runs the model cast to bf16/fp16/fp32 and records the fraction of
+    The reference runs in ``reference_dtype`` (float64); each name in ``precisions`` runs
+    the model cast to bf16/fp16/fp32 (cast in place for the run and restored bit for bit
+    afterwards, see :func:`lensprobe.core.cast`) and records the fraction of
     bit-identical coordinates of the two last-token activations and whether the top
     predicted token agrees. ``thresholds[dtype]`` is the length n* where the reference
     curve (``threshold_hook``, ``threshold_metric``, head mean) falls below that dtype's
@@ -842,7 +855,9 @@ def collapse_curve(
             lengths = [2**k for k in range(1, 20) if fits(2**k)]
             if not lengths:
                 raise InputError(f"no pair length fits the model's n_ctx={n_ctx}.")
-        lengths = sorted(set(int(n) for n in lengths))
+        lengths = sorted(set(index_list(lengths, "lengths", "lengths=[2, 4, 8, 16]")))
+        if lengths[0] < 1:
+            raise InputError(f"lengths must be positive item counts n >= 1, got {lengths[0]}.")
         pairs = [make(n) for n in lengths]
         for n, (a, b) in zip(lengths, pairs):
             if max(len(a), len(b)) > n_ctx:
@@ -856,9 +871,8 @@ def collapse_curve(
         seqs = [s for ab in pairs for s in ab]
 
         ref_name = str(reference_dtype).replace("torch.", "")
-        ref_model = _cast_copy(model, reference_dtype)
-        acts, top = _last_token_acts(ref_model, seqs, hooks, causal, progress, f"collapse ({ref_name})")
-        del ref_model
+        with cast(model, reference_dtype):
+            acts, top = _last_token_acts(model, seqs, hooks, causal, progress, f"collapse ({ref_name})")
         nL = len(lengths)
         distances = {}
         for h in hooks:
@@ -870,9 +884,9 @@ def collapse_curve(
 
         low = {}
         for pname in precisions:
-            lm = _cast_copy(model, _LOW[pname])
-            lacts, ltop = _last_token_acts(lm, seqs, hooks, causal, progress, f"collapse ({pname})")
-            del lm
+            with cast(model, _LOW[pname]):
+                lacts, ltop = _last_token_acts(model, seqs, hooks, causal, progress,
+                                               f"collapse ({pname})")
             ldist, ident = {}, {}
             for h in hooks:
                 pairs_h = [(_groups(lacts[h][2 * i]), _groups(lacts[h][2 * i + 1])) for i in range(nL)]

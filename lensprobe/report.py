@@ -10,13 +10,17 @@ model, else ``--prompt`` text or a seeded random sample), runs each section, and
   and why.
 
 A section that does not apply to the model (no retrieval task for a language model, ...)
-is skipped with its reason, or replaced by the nearest analysis that applies.
+is skipped with its reason, or replaced by the nearest analysis that applies. A section
+that raises is shown as failed, with its error, in the page and the JSON (``failed``
+lists them); the other sections are still run and written, and ``lensprobe report``
+exits with status 1 naming the failed sections.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +30,7 @@ import torch
 
 from . import _tl, views, zoo
 from .errors import InputError
-from .inputs import model_device, resolve_device, to_tokens
+from .inputs import model_device, move_model, resolve_device, to_tokens
 from .models import load_model, str_tokens, vocab_of
 
 __all__ = ["run_report", "ReportResult", "Section", "SECTION_NAMES"]
@@ -44,6 +48,8 @@ class Section:
     parts: list[Any] = field(default_factory=list)  # Views and trusted HTML strings
     headline: dict[str, Any] = field(default_factory=dict)
     skipped: str | None = None
+    failed: str | None = None  # "ErrorType: message" when the section raised
+    traceback: str | None = None
     seconds: float = 0.0
 
 
@@ -66,14 +72,20 @@ class ReportResult:
     seconds: float
     headline: dict[str, Any]
 
+    @property
+    def failed(self) -> list[Section]:
+        """The sections that raised (each shown in the page and the JSON with its error)."""
+        return [s for s in self.sections if s.failed is not None]
+
 
 # --------------------------------------------------------------------------- model + prompts
 def _resolve_model(spec: str | None, device: str) -> tuple[Any, str, str | None]:
     dev = resolve_device(device)
     if spec is None:
         spec = zoo.DEFAULT
+    # Loaded where the checkpoint was saved, then moved without TL's "Moving model" print.
     if spec in zoo.names():
-        return zoo.load(spec, device=dev), spec, spec
+        return move_model(zoo.load(spec), dev), spec, spec
     p = Path(spec)
     looks_like_path = p.suffix == ".safetensors" or spec.startswith((".", "/", "~")) or p.exists()
     if looks_like_path and not p.exists():
@@ -414,6 +426,9 @@ def run_report(
             sec = fn(ctx)
         except Skip as why:
             sec = Section(sec_name, sec_name, skipped=str(why))
+        except Exception as e:  # noqa: BLE001 -- one broken section must not cost the others
+            sec = Section(sec_name, sec_name, failed=f"{type(e).__name__}: {e}",
+                          traceback="".join(traceback.format_exception(e)[-_TB_LINES:]))
         sec.seconds = time.perf_counter() - t
         sections.append(sec)
     out = Path(out)
@@ -422,15 +437,24 @@ def run_report(
         "model": name,
         "backend": type(m).__name__,
         "transformer_lens": _tl.TL_VERSION,
-        "sections": {
-            s.name: ({"skipped": s.skipped} if s.skipped else dict(s.headline, seconds=round(s.seconds, 3)))
-            for s in sections
-        },
+        "sections": {s.name: _section_json(s) for s in sections},
+        "failed": [s.name for s in sections if s.failed is not None],
     }
     html_path = views.save_html(_render(name, sections), out / "report.html")
     json_path = out / "report.json"
     json_path.write_text(json.dumps(headline, indent=2, default=_json_default))
     return ReportResult(html_path, json_path, sections, time.perf_counter() - t0, headline)
+
+
+_TB_LINES = 12  # the innermost frames of a failed section's traceback
+
+
+def _section_json(s: Section) -> dict[str, Any]:
+    if s.failed is not None:
+        return {"failed": s.failed, "traceback": s.traceback, "seconds": round(s.seconds, 3)}
+    if s.skipped:
+        return {"skipped": s.skipped}
+    return dict(s.headline, seconds=round(s.seconds, 3))
 
 
 def _json_default(o: Any) -> Any:
@@ -445,13 +469,23 @@ def _render(name: str, sections: list[Section]) -> str:
     parts: list[Any] = [f"<h1>lensprobe report: {views.escape(name)}</h1>"]
     toc = "".join(
         f"<li><a href='#{s.name}'>{views.escape(s.title)}</a>"
-        + (f" (skipped: {views.escape(s.skipped)})" if s.skipped else "") + "</li>"
+        + (f" (skipped: {views.escape(s.skipped)})" if s.skipped else "")
+        + (" (failed)" if s.failed is not None else "") + "</li>"
         for s in sections
     )
     parts.append(f"<ol>{toc}</ol>")
     for s in sections:
-        parts.append(f"<section id='{s.name}' data-section='{s.name}'><h2>{views.escape(s.title)}</h2>")
-        if s.skipped:
+        status = " data-status='failed'" if s.failed is not None else ""
+        parts.append(f"<section id='{s.name}' data-section='{s.name}'{status}>"
+                     f"<h2>{views.escape(s.title)}</h2>")
+        if s.failed is not None:
+            parts.append(
+                f"<p class='failed' style='color:#a00000'><strong>This section failed</strong>: {views.escape(s.failed)}."
+                " The other sections are unaffected.</p>"
+                f"<details><summary>traceback</summary><pre>{views.escape(s.traceback or '')}"
+                "</pre></details>"
+            )
+        elif s.skipped:
             parts.append(f"<p class='note'>Skipped: {views.escape(s.skipped)}</p>")
         else:
             parts.append(f"<p>{views.escape(s.text)}</p>")

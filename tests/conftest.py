@@ -19,8 +19,29 @@ import lensprobe as lp
 torch.set_num_threads(int(os.environ.get("LENSPROBE_TEST_THREADS", "1")))
 
 
+def cached_graphs(model: torch.nn.Module) -> list[tuple[str, str, int]]:
+    """(module, attribute, tensor id) of every tensor a module keeps as a plain attribute
+    that holds an autograd graph (HF bridges cache attention patterns this way); the
+    TransformerBridge's unregistered ``original_model`` is searched too."""
+    roots = [("", model)]
+    original = vars(model).get("original_model")
+    if isinstance(original, torch.nn.Module):
+        roots.append(("original_model.", original))
+    found, seen = [], set()
+    for prefix, root in roots:
+        for name, m in root.named_modules():
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            for attr, v in vars(m).items():
+                if isinstance(v, torch.Tensor) and v.grad_fn is not None:
+                    found.append((prefix + name, attr, id(v)))
+    return found
+
+
 def state_fingerprint(model: torch.nn.Module) -> dict:
-    """Everything an extractor must leave untouched: weights, modes, grad flags, hooks."""
+    """Everything an extractor must leave untouched: weights, modes, grad flags, hooks,
+    and no autograd graph cached on a module (the same graph-holding tensors as before)."""
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())
@@ -34,6 +55,7 @@ def state_fingerprint(model: torch.nn.Module) -> dict:
             hooks += [(name, "fwd", id(hd)) for hd in m.fwd_hooks]
             hooks += [(name, "bwd", id(hd)) for hd in m.bwd_hooks]
     return {
+        "graphs": cached_graphs(model),
         "weights": h.hexdigest(),
         "training": [(n, m.training) for n, m in model.named_modules()],
         "requires_grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
