@@ -234,19 +234,6 @@ def build_model(
     return model
 
 
-def release_cached_graphs(model: Any) -> None:
-    """Detach tensors that modules cached during a grad-mode forward.
-
-    HF attention inside GPT-2 / GPT-NeoX bridges keeps its last pattern (``attn._pattern``)
-    with the autograd graph attached: the graph (and everything it references) stays
-    alive, and ``copy.deepcopy(model)`` fails. The cached value is kept, detached.
-    """
-    for module in model.modules():
-        for name, value in list(vars(module).items()):
-            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                setattr(module, name, value.detach())
-
-
 def check_device(device: str | torch.device | None) -> torch.device | None:
     """The one device check of every lensprobe entry point that takes ``device=``.
 

@@ -95,7 +95,6 @@ def guard(model: Any) -> Iterator[Any]:
             m.training = t
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-        _tl.release_cached_graphs(model)
 
 
 def _holds_graph(value: Any) -> bool:
