@@ -679,7 +679,8 @@ def heldout_passages() -> list[str]:
     return texts
 
 
-def coupling_and_loss(model: Any, tokens: Any, *, k: int = 10) -> dict[str, float]:
+def coupling_and_loss(model: Any, tokens: Any, *, k: int = 10,
+                      max_tokens: int | None = None) -> dict[str, float]:
     """The coupling paper's two per-model numbers on one prompt shard (Aubry et al.):
 
     * ``coupling``: mean depth-wise coupling of the last token's block Jacobians,
@@ -689,12 +690,20 @@ def coupling_and_loss(model: Any, tokens: Any, *, k: int = 10) -> dict[str, floa
       -1/(B(T-1)) sum_b sum_t log p(x_{b,t+1} | x_{b,<=t}) (nats per token).
 
     Feed it held-out text (:func:`heldout_passages`) to correlate coupling with
-    generalisation across checkpoints, as the paper does across LLMs.
+    generalisation across checkpoints, as the paper does across LLMs. ``max_tokens``
+    cuts every prompt to its first ``max_tokens`` tokens (both numbers use the same).
     """
     import torch
 
     from .core import guard
     from .coupling import coupling
+    from .inputs import to_tokens
+
+    tokens = to_tokens(model, tokens)
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
+            raise InputError(f"max_tokens must be an integer >= 2, got {max_tokens!r}.")
+        tokens = tokens[:, :max_tokens]
 
     c = coupling(model, tokens, k=k, keep_products=False, progress=False)
     with guard(model), torch.no_grad():
