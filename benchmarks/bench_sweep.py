@@ -17,7 +17,8 @@ run gives the demo's numbers: coupling against held-out loss across the checkpoi
 Reported: wall time of each, the speed-up, the mean in-task time split into model load
 and analysis, and Ray's per-task overhead = (workers x Ray wall time - sum of in-task
 times) / tasks: scheduling, argument and result transfer, and idle time at the tail.
-Both engines use one torch thread per task (Ray sets OMP_NUM_THREADS=1 for a 1-CPU task;
+Ray workers run at the driver's niceness (``RAY_worker_niceness=0``; Ray's default +15
+starved them on this shared machine). Both engines use one torch thread per task (Ray sets OMP_NUM_THREADS=1 for a 1-CPU task;
 the serial run is set to 1 here), so the comparison is about running tasks side by side.
 
 Run from the repository root: ``python benchmarks/bench_sweep.py`` (``make bench``).
@@ -35,6 +36,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Ray starts its workers at niceness +15 over the raylet's; on this shared machine that
+# starved them (3% CPU each while the serial run had its share). Same priority for both.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import torch
 
