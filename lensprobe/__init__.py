@@ -20,6 +20,7 @@ from .models import (
 
 from . import tasks, views, zoo
 from .training import TrainResult, evaluate, train
+from .sweep import sweep  # many models x prompt shards, serial or on Ray (optional extra)
 
 # 1. over-squashing and representational collapse (Barbero et al. 2024)
 from .oversquash import collapse_curve, path_bound, sensitivity

@@ -43,12 +43,24 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--list-models", action="store_true", help="list the zoo models and exit")
     r.add_argument("--list-sections", action="store_true", help="list the sections and exit")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .sweep import add_cli
+
+    add_cli(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from . import report, zoo
+
+    if args.command == "sweep":
+        from .sweep import cli_main
+
+        try:
+            return cli_main(args)
+        except LensprobeError as e:
+            print(f"lensprobe: error: {e}", file=sys.stderr)
+            return 2
 
     if args.list_models:
         for name in zoo.names():
