@@ -707,7 +707,7 @@ def _cast_copy(model: Any, dtype: torch.dtype) -> Any:
     if model_dtype(model) == dtype:
         return model
     c = copy.deepcopy(model)
-    c.to(dtype)
+    c.to(dtype, print_details=False)  # TL would print "Changing model dtype"
     c.eval()
     return c
 
