@@ -47,6 +47,7 @@ BUILD = ROOT / "build" / "docs"
 EXECUTED = BUILD / "executed"
 SRC = BUILD / "src"
 SITE = BUILD / "site"
+SNIPPETS = BUILD / "snippets"  # figure + caption per paper page (--8<-- includes them)
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 #: stdout lines TransformerLens prints on its own; a lensprobe call must not cause them.
 TL_CHATTER = re.compile(
@@ -247,6 +248,11 @@ def paper_figures(out: Path) -> dict[str, str]:
     return captions
 
 
+def paper_captions() -> dict[str, str]:
+    """The captions of the last build's paper figures."""
+    return json.loads((BUILD / "figures" / "captions.json").read_text())
+
+
 # --------------------------------------------------------------------------- 4. stage
 def _strip_widgets(nb_path: Path, dest: Path) -> None:
     """The docs copy: progress-bar widget outputs and widget state removed."""
@@ -339,10 +345,11 @@ def stage(executed: list[Path], captions: dict[str, str]) -> None:
     (SRC / "tutorials").mkdir()
     for p in executed:
         _strip_widgets(p, SRC / "tutorials" / p.name)
-    figs = SRC / "figures"
-    shutil.copytree(BUILD / "figures", figs)
+    (SRC / "figures").mkdir()
+    SNIPPETS.mkdir(parents=True, exist_ok=True)
     for name, cap in captions.items():
-        (figs / f"{name}.md").write_text(
+        shutil.copy(BUILD / "figures" / f"{name}.png", SRC / "figures" / f"{name}.png")
+        (SNIPPETS / f"{name}.md").write_text(
             f"![{FIGURES[name]}](../figures/{name}.png)\n\n*{cap}*\n")
 
 
@@ -373,19 +380,21 @@ def public_paths() -> dict[str, str]:
                    else f"lensprobe.{name}") for name in lp.__all__}
 
 
-def missing_docstrings() -> list[str]:
+def missing_docstrings(paths: dict[str, str] | None = None, *, package: str = "lensprobe",
+                       search_path: Path = ROOT) -> list[str]:
     """Public names (``lensprobe.__all__``) without a docstring, as mkdocstrings sees them.
 
     Read statically by griffe (mkdocstrings' own loader): a dataclass's generated
     ``Name(field, ...)`` does not count, and a constant needs the string literal after
-    its assignment.
+    its assignment. ``paths`` maps each name to its dotted path (default: lensprobe's).
     """
     import griffe
 
-    pkg = griffe.load("lensprobe", search_paths=[str(ROOT)], try_relative_path=False)
+    pkg = griffe.load(package, search_paths=[str(search_path)], try_relative_path=False)
     missing = []
-    for name, path in public_paths().items():
-        obj = pkg[path.removeprefix("lensprobe.")] if path != f"lensprobe.{name}" else pkg[name]
+    for name, path in (paths if paths is not None else public_paths()).items():
+        rel = path.removeprefix(package).lstrip(".")
+        obj = pkg[rel] if rel else pkg
         obj = obj.final_target if obj.is_alias else obj
         if obj.docstring is None or not obj.docstring.value.strip():
             missing.append(name)
@@ -411,7 +420,19 @@ def external_loads(site: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- driver
+def site_stamp(executed: list[Path]) -> str:
+    """Everything the site is built from; the build is skipped while it is unchanged."""
+    h = hashlib.sha256(_code_stamp().encode())
+    for p in [*executed, ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "mkdocs.yml",
+              Path(__file__).resolve(), *sorted((ROOT / "benchmarks" / "results").glob("*.json"))]:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    _tree_hash(h, ROOT / "docs")
+    return h.hexdigest()[:20]
+
+
 def build(*, force: bool = False, execute_only: bool = False) -> Path:
+    """Execute and check the tutorials, then build and check the site (see the module doc)."""
     t0 = time.perf_counter()
     print("executing tutorials", flush=True)
     executed = execute_all(force=force)
@@ -422,24 +443,43 @@ def build(*, force: bool = False, execute_only: bool = False) -> Path:
             f"  {k}: {msg}" for k, v in bad.items() for msg in v))
     if execute_only:
         return EXECUTED
-    print("paper figures", flush=True)
-    captions = paper_figures(BUILD / "figures")
-    stage(executed, captions)
+    want = site_stamp(executed)
+    record = BUILD / "build.json"
+    if not force and record.is_file() and (SITE / "index.html").is_file():
+        if json.loads(record.read_text()).get("stamp") == want:
+            print(f"docs: {SITE / 'index.html'} is up to date")
+            return SITE
     missing = missing_docstrings()
     if missing:
         raise SystemExit(f"docs: public names without a docstring: {', '.join(missing)}")
+    print("paper figures", flush=True)
+    t_fig = time.perf_counter()
+    captions = paper_figures(BUILD / "figures")
+    t_fig = time.perf_counter() - t_fig
+    stage(executed, captions)
     print("mkdocs build --strict", flush=True)
+    t_mk = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--clean",
                         "-f", str(site_config(executed))], cwd=ROOT, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"docs: mkdocs build failed:\n{r.stdout}\n{r.stderr}")
+    t_mk = time.perf_counter() - t_mk
     ext = external_loads(SITE)
     if ext:
         raise SystemExit("docs: the site loads from the network:\n  " + "\n  ".join(ext[:20]))
-    (BUILD / "build.json").write_text(json.dumps(
-        {"seconds": round(time.perf_counter() - t0, 1), "tutorials": [p.name for p in executed]}))
-    print(f"docs: {SITE / 'index.html'} in {time.perf_counter() - t0:.0f} s")
+    seconds = {"total": round(time.perf_counter() - t0, 1), "figures": round(t_fig, 1),
+               "mkdocs": round(t_mk, 1),
+               "tutorials": {p.name: _nb_seconds(p) for p in executed}}
+    record.write_text(json.dumps({"stamp": want, "seconds": seconds}, indent=1))
+    print(f"docs: {SITE / 'index.html'} in {seconds['total']:.0f} s (figures {t_fig:.0f} s,"
+          f" mkdocs {t_mk:.0f} s; tutorials executed earlier or now: see {record})")
     return SITE
+
+
+def _nb_seconds(p: Path) -> float:
+    import nbformat
+
+    return nbformat.read(p, as_version=4).metadata.get("lensprobe", {}).get("seconds", 0.0)
 
 
 def main(argv: list[str] | None = None) -> int:
