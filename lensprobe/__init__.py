@@ -15,6 +15,8 @@ by the functions that need them. ``from lensprobe import sensitivity`` and
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -74,6 +76,25 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+#: Public names that are also submodule names (``lp.coupling`` is the function).
+_SHADOWED = frozenset(n for n in _ORIGIN if n in _EXPORTS)
+
+
+class _Package(types.ModuleType):
+    """lensprobe's module type: keeps ``lp.coupling`` the function once ``lensprobe.coupling``
+    (the submodule) is imported, which makes the import system set the package attribute
+    of that name to the submodule. The submodule stays in ``sys.modules``, so
+    ``from lensprobe.coupling import ...`` works as before."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # pragma: no cover  (re-exports for type checkers and IDEs)

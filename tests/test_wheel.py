@@ -160,8 +160,13 @@ def test_lazy_names_are_the_eager_ones():
     assert static == lp._ORIGIN
     assert set(lp.__all__) == {"__version__", "InputError", "LensprobeError", "ModelError",
                                "NonFiniteError", *lp._ORIGIN, *lp._SUBMODULES}
-    for name in lp.__all__:
-        assert getattr(lp, name) is not None
+    import importlib
+
+    for mod in lp._EXPORTS:  # every submodule loaded first: no name may be shadowed by one
+        importlib.import_module(f"lensprobe.{mod}")
+    for name, mod in lp._ORIGIN.items():
+        assert getattr(lp, name) is getattr(sys.modules[f"lensprobe.{mod}"], name), name
+    assert callable(lp.coupling) and lp.tasks.RetrievalTask is not None
     from lensprobe.oversquash import sensitivity
 
     assert lp.sensitivity is sensitivity
