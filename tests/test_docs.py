@@ -8,7 +8,6 @@ chromium with every host name unresolvable, so any network fetch would fail and 
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -19,11 +18,9 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from tests.test_browser_views import _page_requests, _run, find_chromium
+from tests.test_tutorials import build_docs
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("build_docs", ROOT / "scripts" / "build_docs.py")
-build_docs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(build_docs)
 
 PAPERS = ["oversquash", "smoothing", "coupling", "stacking", "priority"]
 OFFLINE_FLAGS = ["--host-resolver-rules=MAP * ~NOTFOUND", "--allow-file-access-from-files"]
@@ -127,6 +124,13 @@ def test_api_reference_covers_every_public_name(site):
     for name, path in build_docs.public_paths().items():
         assert f'id="{path}"' in html, f"{name} ({path}) not in the API reference"
     assert build_docs.missing_docstrings() == []
+
+
+def test_html_in_docstrings_is_shown_as_text(site):
+    """views.bundle_script's docstring says "a classic <script> that ...": text, not a tag."""
+    html = (site / "api.html").read_text()
+    assert "classic &lt;script&gt; that defines" in html
+    assert "classic <script>" not in html
 
 
 def test_docstring_check_finds_a_missing_docstring(tmp_path):

@@ -10,6 +10,7 @@ was built, or something changed, the session fixture executes the notebooks here
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import nbformat
@@ -17,9 +18,18 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("build_docs", ROOT / "scripts" / "build_docs.py")
-build_docs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(build_docs)
+
+def _load_build_docs():
+    """scripts/build_docs.py as a module (also used by tests/test_docs.py)."""
+    if "build_docs" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("build_docs", ROOT / "scripts" / "build_docs.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["build_docs"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["build_docs"]
+
+
+build_docs = _load_build_docs()
 
 TUTORIALS = build_docs.tutorials()
 
