@@ -376,6 +376,8 @@ def site_config(executed: list[Path]) -> Path:
     for plugin in cfg["plugins"]:  # paths in the config are relative to the repository
         if isinstance(plugin, dict) and "mkdocstrings" in plugin:
             plugin["mkdocstrings"]["handlers"]["python"]["paths"] = [str(ROOT)]
+        if isinstance(plugin, dict) and "mkdocs-jupyter" in plugin:
+            plugin["mkdocs-jupyter"]["cache_dir"] = str(ROOT / plugin["mkdocs-jupyter"]["cache_dir"])
     for entry in cfg["nav"]:
         if isinstance(entry, dict) and "Tutorials" in entry:
             entry["Tutorials"] = [f"tutorials/{p.name}" for p in executed]
