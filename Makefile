@@ -1,6 +1,7 @@
 # lensprobe: two commands set up everything from nothing.
 #   make report   virtual environment (newest TransformerLens) + the main job on the embedded default
 #   make test     both virtual environments (TL 4.x bridge, TL 2.18 HookedTransformer) + every test
+#   make docs     the documentation site in build/docs/site (offline; executes the tutorials once)
 # torch is pinned through constraints.txt (2.13.0: a local CPU wheel on the project's machines).
 
 PYTHON    ?= python3
@@ -10,12 +11,12 @@ PIP_FLAGS := -q --disable-pip-version-check -c constraints.txt
 OUT       ?= report
 PYTEST_ARGS ?=
 
-.PHONY: report test test-tl4 test-tl2 bench browser venvs clean
+.PHONY: report test test-tl4 test-tl2 bench browser venvs docs clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) torch==2.13.0
-	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[dev,ray]"
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[dev,ray,docs]"
 	touch $@
 
 $(VENV_TL2)/.installed: pyproject.toml constraints.txt
@@ -36,7 +37,17 @@ browser:
 report: $(VENV)/.installed
 	$(VENV)/bin/lensprobe report --out $(OUT)
 
-test-tl4: $(VENV)/.installed browser
+# Executes every tutorial once (build/docs/executed, reused while the notebook, the package
+# and TransformerLens are unchanged) and builds the site with mkdocs --strict; the tutorial
+# and docs tests read that same build instead of executing the notebooks again.
+docs: $(VENV)/.installed
+	$(VENV)/bin/python scripts/build_docs.py
+
+# The docs, tutorial and wheel tests run once, on the TL 4.x venv (they test the site,
+# the notebooks and the package, not the backend).
+TL4_ONLY := --ignore=tests/test_tutorials.py --ignore=tests/test_docs.py --ignore=tests/test_wheel.py
+
+test-tl4: $(VENV)/.installed browser docs
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # The two Ray-engine tests run on the TL 4 backend only: each starts Ray workers that import
@@ -46,7 +57,7 @@ RAY_TESTS := --deselect tests/test_sweep.py::test_ray_matches_serial_and_records
              --deselect tests/test_sweep.py::test_ray_retries_a_killed_worker_and_restart_skips
 
 test-tl2: $(VENV_TL2)/.installed
-	$(VENV_TL2)/bin/python -m pytest -q --ignore=tests/test_tutorials.py $(RAY_TESTS) $(PYTEST_ARGS)
+	$(VENV_TL2)/bin/python -m pytest -q $(TL4_ONLY) $(RAY_TESTS) $(PYTEST_ARGS)
 
 test: test-tl4 test-tl2
 
@@ -54,4 +65,4 @@ bench: $(VENV)/.installed
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(VENV_TL2) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(VENV_TL2) $(OUT) .pytest_cache build

@@ -28,6 +28,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+import sys
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ import torch
 from .errors import InputError, LensprobeError, ModelError
 
 TL_VERSION: str = _pkg_version("transformer-lens")
+"""The installed TransformerLens version (for example ``"4.3.0"``)."""
 TL_MAJOR: int = int(TL_VERSION.split(".")[0])
 
 try:  # TL 2.x / 3.x
@@ -48,12 +50,16 @@ except ImportError:  # TL 4.x removed them
 
 try:  # TL 3.x / 4.x
     from transformer_lens.config import TransformerBridgeConfig  # type: ignore
-    from transformer_lens.model_bridge import TransformerBridge  # type: ignore
 except ImportError:  # TL 2.x
-    TransformerBridge = None  # type: ignore[assignment,misc]
     TransformerBridgeConfig = None  # type: ignore[assignment,misc]
 
-from transformer_lens.hook_points import HookPoint
+# TransformerBridge itself loads on first use (_bridge_cls): transformer_lens.model_bridge
+# pulls in transformers, scipy, sympy and torch.distributed, which doubled the cost of
+# `import lensprobe` on TL 4.x.
+_BRIDGE_MODULE = "transformer_lens.model_bridge"
+HAS_BRIDGE: bool = TransformerBridgeConfig is not None
+
+from transformer_lens.hook_points import HookPoint  # noqa: E402
 
 try:  # TL 4.x moved HookedRootModule to the package root
     from transformer_lens import HookedRootModule
@@ -68,6 +74,7 @@ BACKEND: str = (
     if HookedTransformer is not None and os.environ.get("LENSPROBE_BACKEND") != "bridge"
     else "bridge"
 )
+"""``"hooked"`` (HookedTransformer) or ``"bridge"`` (TransformerBridge): what lensprobe builds here."""
 
 __all__ = [
     "BACKEND",
@@ -86,8 +93,19 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- kinds
+def _bridge_cls() -> Any:
+    """TransformerBridge, imported now (None on TL 2.x)."""
+    if not HAS_BRIDGE:
+        return None
+    import importlib
+
+    return importlib.import_module(_BRIDGE_MODULE).TransformerBridge
+
+
 def is_bridge(model: Any) -> bool:
-    return TransformerBridge is not None and isinstance(model, TransformerBridge)
+    # No bridge can exist before its module was imported, so this never imports it.
+    mod = sys.modules.get(_BRIDGE_MODULE)
+    return mod is not None and isinstance(model, mod.TransformerBridge)
 
 
 def is_hooked_transformer(model: Any) -> bool:
@@ -227,9 +245,9 @@ def build_model(
                         if "W_" in name:
                             param.normal_(0.0, model.cfg.initializer_range, generator=g)
             if device is not None:
-                model = model.to(device)
+                model = model.to(device, print_details=False)  # TL would print "Moving model"
         else:
-            model = TransformerBridge.boot_native(_make_config(d, dtype), dtype=dtype, device=device)
+            model = _bridge_cls().boot_native(_make_config(d, dtype), dtype=dtype, device=device)
     model.eval()
     return model
 
@@ -400,7 +418,7 @@ def load_pretrained(
             if BACKEND == "bridge":
                 if local and "tokenizer" not in kwargs:
                     kwargs["tokenizer"] = local_tokenizer(path)
-                model = TransformerBridge.boot_transformers(
+                model = _bridge_cls().boot_transformers(
                     str(path) if local else name_or_path, device=device, dtype=dtype, **kwargs
                 )
                 if processed:
@@ -612,7 +630,7 @@ def _load_pretrained_hooked(
     state_dict = loading.get_pretrained_state_dict(name_or_path, cfg, hf_model, dtype=dtype)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **kwargs)
-    return model.to(device) if device is not None else model
+    return model.to(device, print_details=False) if device is not None else model
 
 
 def attn_scale(model: Any, layer: int) -> float:

@@ -1,4 +1,8 @@
-"""``lensprobe`` command line: ``lensprobe report`` runs every analysis and writes one HTML page."""
+"""``lensprobe`` command line: ``lensprobe report`` runs every analysis and writes one HTML page.
+
+Only argparse and lensprobe's error classes load at start-up, so ``lensprobe --help``
+answers without importing torch; each subcommand imports what it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ._version import __version__
 from .errors import LensprobeError
 
 
@@ -15,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="lensprobe",
         description="How information moves through a transformer (TransformerLens models).",
     )
+    p.add_argument("--version", action="version", version=f"lensprobe {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser(
         "report",

@@ -327,9 +327,9 @@ def load_checkpoint(
     if meta["vocab"] is not None:
         attach_tokenizer(model, meta["vocab"])
     if dtype is not None:
-        model = model.to(dtype)
+        model = model.to(dtype, print_details=False)  # no TransformerLens print
     if device is not None:
-        model = model.to(device)
+        model = model.to(device, print_details=False)
     model.eval()
     return model
 

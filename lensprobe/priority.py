@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import networkx as nx
 import numpy as np
 import torch
 
@@ -41,6 +40,9 @@ from .core import guard, run_hooked
 from .errors import InputError
 from .inputs import check_head, check_layer, to_tokens
 from .views import View, escape
+
+if TYPE_CHECKING:  # networkx loads on first use (import lensprobe stays light)
+    import networkx as nx
 
 __all__ = [
     "TokenPriorityGraph",
@@ -151,6 +153,8 @@ class TokenPriorityGraph:
         self.vocab = list(vocab) if vocab is not None else [str(i) for i in range(self.n_tokens)]
         if len(self.vocab) != self.n_tokens:
             raise InputError(f"vocab has {len(self.vocab)} strings for {self.n_tokens} tokens.")
+        import networkx as nx
+
         graphs: dict[int, nx.DiGraph] = {}
         for seq, y in zip(sequences, labels):
             g = graphs.setdefault(seq[-1], nx.DiGraph())
@@ -198,6 +202,8 @@ class TokenPriorityGraph:
 
     def _structure(self, k: int) -> tuple:
         if k not in self._order:
+            import networkx as nx
+
             g = self.graph(k)
             comps = list(nx.strongly_connected_components(g))
             cond = nx.condensation(g, scc=comps)
@@ -228,6 +234,8 @@ class TokenPriorityGraph:
 
     def outranks(self, k: int, a: int, b: int) -> bool:
         """True when G^(k) has a path a ~> b (a has priority over b, or they are tied)."""
+        import networkx as nx
+
         g = self.graph(k)
         return a in g and b in g and (a == b or nx.has_path(g, a, b))
 
