@@ -38,6 +38,7 @@ from .stacking import (
     DepthStudy, Emergence, StackedHeads, depth_study, emergence, hop_scores, query_accuracy,
     stacked_heads,
 )
+from .induction import InductionEmergence, InductionHeads, induction_emergence, induction_heads
 
 # 5. hard retrieval over the token-priority graph (Li et al. 2024)
 from .priority import (
