@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -32,8 +33,8 @@ from .errors import InputError
 from .inputs import check_finite, model_device
 from .models import str_tokens
 
-__all__ = ["InductionHeads", "InductionEmergence", "induction_heads", "induction_emergence",
-           "repeated_tokens", "k_composition_scores"]
+__all__ = ["InductionEmergence", "InductionHeads", "induction_emergence", "induction_heads",
+           "k_composition_scores", "repeated_tokens"]
 
 
 def _name(layer: int, head: int) -> str:
@@ -159,8 +160,7 @@ class InductionHeads:
     uniform:        the mean of 1/(q+1) over those queries: what a head attending
                     uniformly to the causal past would score on either.
     threshold:      score from which a head counts; ``induction_heads`` and
-                    ``previous_token_heads`` list them (strongest first). A previous-token
-                    head counts only in a layer before the last induction head's layer.
+                    ``previous_token_heads`` list them (strongest first).
     composition:    [L, H, L, H] K-composition (:func:`k_composition_scores`), NaN for
                     l1 >= l2.
     pairs:          for each (previous-token head, later induction head): its
@@ -285,7 +285,7 @@ class InductionHeads:
         first sequence (cut to ``max_tokens`` around the copy boundary)."""
         from .views import attention_heads
 
-        L, H = self.induction.shape
+        H = self.induction.shape[1]
         li, hi = divmod(int(self.induction.argmax()), H)
         lp_, hp = divmod(int(self.previous_token.argmax()), H)
         n = self.example_pattern.shape[-1]
@@ -379,8 +379,7 @@ def induction_heads(
         comp = k_composition_scores(model)
         ind_heads = sorted(((l, h) for l in range(L) for h in range(H) if ind[l, h] >= threshold),
                            key=lambda lh: -float(ind[lh]))
-        last = max((l for l, _ in ind_heads), default=-1)
-        prev_heads = sorted(((l, h) for l in range(last) for h in range(H) if prev[l, h] >= threshold),
+        prev_heads = sorted(((l, h) for l in range(L) for h in range(H) if prev[l, h] >= threshold),
                             key=lambda lh: -float(prev[lh]))
         finite = comp[torch.isfinite(comp)]
         pairs = []

