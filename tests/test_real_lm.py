@@ -302,7 +302,12 @@ def test_coupling_at_the_last_checkpoint_exceeds_init(trained, init, prompts):
         plain[name] = _plain_coupling(J, k)
         got = lp.coupling(model, toks, k=k, progress=False).scalar(k)
         assert got == pytest.approx(plain[name], abs=2e-3)
-    assert plain["trained"] > plain["init"] + 0.05
+    # small but consistent: higher after training on every held-out prompt tried
+    assert plain["trained"] > plain["init"] + 0.01
+    for i in (3, 6):
+        toks = prompts[i:i + 1, :48]
+        assert lp.coupling(trained, toks, k=k, progress=False).scalar(k) > \
+            lp.coupling(init, toks, k=k, progress=False).scalar(k)
 
 
 def test_shipped_findings_belong_to_the_shipped_model(trained):
