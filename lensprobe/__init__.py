@@ -120,5 +120,6 @@ if TYPE_CHECKING:  # pragma: no cover  (re-exports for type checkers and IDEs)
         DepthStudy, Emergence, StackedHeads, depth_study, emergence, hop_scores,
         query_accuracy, stacked_heads,
     )
+    from .induction import InductionEmergence, InductionHeads, induction_emergence, induction_heads
     from .sweep import sweep
     from .training import TrainResult, evaluate, train

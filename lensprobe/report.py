@@ -19,6 +19,7 @@ exits with status 1 naming the failed sections.
 from __future__ import annotations
 
 import json
+import math
 import time
 import traceback
 import warnings
@@ -62,6 +63,7 @@ class Context:
     str_tokens: list[list[str]]
     task: Any | None
     progress: bool
+    init: Any | None = None  # the same architecture at step 0 of its training trajectory
 
 
 @dataclass
@@ -105,7 +107,22 @@ def _task_for(zoo_name: str | None) -> Any | None:
     return RetrievalTask(**zoo.info(zoo_name)["task"])
 
 
-def _prompts(model: Any, task: Any | None, prompts: list[str] | None, n: int = 4):
+def _heldout_prompts(model: Any, name: str | None, n: int = 2, length: int = 256) -> torch.Tensor | None:
+    """[n, length] held-out real-text prompts of a zoo language model, if it ships them
+    (``zoo/results/<name>_prompts.json``, made by ``scripts/shakespeare_findings.py``)."""
+    path = Path(zoo.__file__).parent / "results" / f"{name}_prompts.json"
+    if name is None or not path.is_file():
+        return None
+    rows = [p["tokens"][:length] for p in json.loads(path.read_text())["passages"][:n]]
+    toks = torch.tensor(rows, dtype=torch.long)
+    if toks.ndim != 2 or toks.shape[1] > model.cfg.n_ctx or int(toks.max()) >= model.cfg.d_vocab:
+        raise InputError(f"{path}: prompts do not fit the model (n_ctx {model.cfg.n_ctx},"
+                         f" d_vocab {model.cfg.d_vocab}); regenerate them.")
+    return toks.to(model_device(model))
+
+
+def _prompts(model: Any, task: Any | None, prompts: list[str] | None, n: int = 4,
+             zoo_name: str | None = None):
     if prompts:
         rows = [to_tokens(model, p) for p in prompts]
         if len({r.shape[1] for r in rows}) > 1:
@@ -114,6 +131,8 @@ def _prompts(model: Any, task: Any | None, prompts: list[str] | None, n: int = 4
             rows = rows[:1]
         toks = torch.cat(rows)
         return toks, str_tokens(model, toks)
+    if (held := _heldout_prompts(model, zoo_name)) is not None:
+        return held, str_tokens(model, held)
     if task is not None:
         batch = task.sample(n, torch.Generator().manual_seed(0))
         toks = batch.tokens.to(model_device(model))
@@ -276,59 +295,66 @@ def _coupling(ctx: Context) -> Section:
     )
 
 
-def induction_scan(model: Any, *, n: int = 24, batch: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Previous-token and induction scores per head on repeated random tokens.
+def _induction(ctx: Context) -> Section:
+    """Stacked heads on a model without a retrieval task: its induction circuit
+    (:func:`lensprobe.induction_heads`), against the same architecture at step 0; on the
+    zoo's language model, followed by the retrieval model's stack."""
+    from .induction import induction_heads
 
-    Tokens r_1..r_n r_1..r_n (uniform random, seeded). For query i in the second half,
-    previous-token score = mean A[i, i-1]; induction score = mean A[i, i-n+1] (the token
-    after the earlier copy of the current token). Returns [layers, heads] tensors.
-    """
-    from .core import guard, run_hooked
-
-    g = torch.Generator().manual_seed(seed)
-    n = min(n, model.cfg.n_ctx // 2)
-    half = torch.randint(0, model.cfg.d_vocab, (batch, n), generator=g)
-    toks = torch.cat([half, half], dim=1).to(model_device(model))
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
-    with guard(model), torch.no_grad():
-        acts = run_hooked(model, toks, names)
-    q = torch.arange(n, 2 * n)
-    prev = torch.stack([acts[nm][:, :, q, q - 1].mean(dim=(0, 2)) for nm in names]).cpu()
-    ind = torch.stack([acts[nm][:, :, q, q - n + 1].mean(dim=(0, 2)) for nm in names]).cpu()
-    return {"previous_token": prev.float(), "induction": ind.float()}
+    half = min(64, (ctx.model.cfg.n_ctx - 1) // 2)
+    res = induction_heads(ctx.model, half=half, batch=8, progress=False)
+    name, score = res.best
+    base = (induction_heads(ctx.init, tokens=res.tokens, half=half, ablate=False, progress=False)
+            if ctx.init is not None else None)
+    pair = max(res.pairs, key=lambda p: p["k_composition"], default=None)
+    found = (f"Induction heads (score >= {res.threshold:.1f}): {', '.join(res.induction_heads)};"
+             f" previous-token heads: {', '.join(res.previous_token_heads) or 'none'}"
+             + (f"; the strongest pair {pair['previous_token_head']} -> {pair['induction_head']}"
+                f" K-composes at the {100 * pair['percentile']:.0f}th percentile of all head pairs"
+                if pair else "")
+             + (f"; mean-ablating the induction heads raises the repeat's loss from"
+                f" {res.loss_second:.2f} to {res.ablation_all[1]:.2f} nats (first half"
+                f" {res.loss_first:.2f} -> {res.ablation_all[0]:.2f})" if res.ablation_all else "")
+             + "." if res.induction_heads else
+             f"No induction head: the best score is {score:.3f} ({name}; uniform attention gives"
+             f" {res.uniform:.3f}); previous-token heads:"
+             f" {', '.join(res.previous_token_heads) or 'none'}.")
+    text = (
+        "This model has no retrieval task with ground-truth hop referents, so the section looks"
+        " for the stacked circuit of natural text: previous-token heads feeding induction heads"
+        f" on repeated random tokens ({half} tokens, then the same again). {found} The repeat"
+        f" costs {res.loss_second:.2f} nats per token against {res.loss_first:.2f} for the first half"
+        + (f"; at initialisation the best induction score is {base.best[1]:.3f} and the repeat"
+           f" costs {base.loss_second:.2f} vs {base.loss_first:.2f}." if base is not None else ".")
+    )
+    headline = {"mode": "induction heads", "max_induction": score, "max_induction_head": name,
+                "max_previous_token": float(res.previous_token.max()),
+                **{k: v for k, v in res.summary().items()
+                   if k in ("induction_heads", "previous_token_heads", "pairs", "loss_first",
+                            "loss_second", "in_context_gain", "ablate_induction_heads")}}
+    if base is not None:
+        headline["init"] = {"max_induction": base.best[1], "loss_first": base.loss_first,
+                            "loss_second": base.loss_second}
+    sec = Section("stacking", "Stacked heads: the induction circuit", text=text,
+                  parts=[_fig(res.plot(), "induction heads"), res.attention_view()], headline=headline)
+    if ctx.zoo_name is not None and ctx.zoo_name != "retrieval" and "retrieval" in zoo.names():
+        model = zoo.load("retrieval")
+        task = _task_for("retrieval")
+        toks, strs = _prompts(model, task, None, zoo_name="retrieval")
+        stack = _stacking(Context(model, "retrieval", "retrieval", toks, strs, task, ctx.progress))
+        sec.title = "Stacked heads: the induction circuit, and the retrieval model's stack"
+        sec.text += " Below, the shipped retrieval model: " + stack.text
+        sec.parts += ["<h3>The retrieval model's stack</h3>", *stack.parts]
+        sec.headline.update({f"retrieval_{k}" if k in sec.headline else k: v
+                             for k, v in stack.headline.items()})
+    return sec
 
 
 def _stacking(ctx: Context) -> Section:
     from .stacking import query_accuracy, stacked_heads
 
     if ctx.task is None:
-        scan = induction_scan(ctx.model)
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-        for ax, (name, val) in zip(axes, scan.items()):
-            im = ax.imshow(val.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-            ax.set_title(f"{name.replace('_', ' ')} score")
-            ax.set_xlabel("head")
-            ax.set_ylabel("layer")
-            fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        ind = scan["induction"]
-        l, h = divmod(int(ind.argmax()), ind.shape[1])
-        return Section(
-            "stacking", "Stacked heads (induction / previous-token scan)",
-            text=(
-                "This model has no retrieval task with ground-truth hop referents, so the"
-                " section scans for the simplest stacked circuit instead: previous-token heads"
-                " feeding induction heads, on repeated random tokens. Strongest induction head:"
-                f" L{l}H{h} with score {float(ind.max()):.2f} (uniform attention would give"
-                f" about {2 / (3 * 24):.2f})."
-            ),
-            parts=[_fig(fig, "induction scan")],
-            headline={"mode": "induction scan", "max_induction": float(ind.max()),
-                      "max_induction_head": f"L{l}H{h}",
-                      "max_previous_token": float(scan["previous_token"].max())},
-        )
+        return _induction(ctx)
     batch = ctx.task.sample(128, torch.Generator().manual_seed(1))
     stack = stacked_heads(ctx.model, batch)
     acc = query_accuracy(ctx.model, batch)
@@ -383,6 +409,44 @@ def _priority(ctx: Context) -> Section:
     )
 
 
+# --------------------------------------------------------------------------- versus step 0
+_VERSUS = {
+    "oversquash": (("spearman_bound_vs_measured", "rank correlation of bound and measurement"),
+                   ("relative_first", "first-token share"), ("relative_last", "last-token share"),
+                   ("collapse_slope", "collapse slope")),
+    "smoothing": (("frac_dc", "DC-dominant share"), ("hc_dc_last", "last-layer ||HC||/||DC||"),
+                  ("cosine_last", "last-layer cosine")),
+    "coupling": (("mean_offdiag_coupling", "mean off-diagonal coupling"),),
+}
+
+
+def _init_model(zoo_name: str | None, device: str) -> Any | None:
+    """Step 0 of a zoo model's training trajectory (the same architecture, untrained)."""
+    if zoo_name is None or 0 not in zoo.steps(zoo_name):
+        return None
+    return zoo.load(zoo_name, step=0, device=resolve_device(device))
+
+
+def _versus_init(sec: Section, fn: Callable[[Context], Section], ctx: Context) -> Section:
+    """Run the section again at initialisation and add one sentence comparing the two."""
+    keys = _VERSUS.get(sec.name)
+    if ctx.init is None or not keys or sec.skipped:
+        return sec
+    from dataclasses import replace
+
+    base = fn(replace(ctx, model=ctx.init, init=None)).headline
+    cmp = []
+    for k, label in keys:
+        a, b = sec.headline.get(k), base.get(k)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isfinite(a) and math.isfinite(b):
+            rel = "higher than" if a > b else "lower than" if a < b else "the same as"
+            cmp.append(f"{label} {a:.3g} ({rel} {b:.3g} at step 0)")
+    if cmp:
+        sec.text += " Trained vs the same architecture at initialisation: " + "; ".join(cmp) + "."
+    sec.headline["init"] = {k: base.get(k) for k, _ in keys}
+    return sec
+
+
 SECTIONS: list[tuple[str, Callable[[Context], Section]]] = [
     ("model", _model_card),
     ("oversquash", _oversquash),
@@ -414,8 +478,8 @@ def run_report(
         _tl.require_model(model)
         m, name, zoo_name = model, type(model).__name__, None
     task = _task_for(zoo_name)
-    toks, strs = _prompts(m, task, prompts)
-    ctx = Context(m, name, zoo_name, toks, strs, task, progress)
+    toks, strs = _prompts(m, task, prompts, zoo_name=zoo_name)
+    ctx = Context(m, name, zoo_name, toks, strs, task, progress, init=_init_model(zoo_name, device))
     chosen = [(n, f) for n, f in SECTIONS if only is None or n in only or n == "model"]
     sections: list[Section] = []
     bar = tqdm(chosen, desc="lensprobe report", disable=not progress)
@@ -423,7 +487,7 @@ def run_report(
         bar.set_postfix_str(sec_name)
         t = time.perf_counter()
         try:
-            sec = fn(ctx)
+            sec = _versus_init(fn(ctx), fn, ctx)
         except Skip as why:
             sec = Section(sec_name, sec_name, skipped=str(why))
         except Exception as e:  # noqa: BLE001 -- one broken section must not cost the others

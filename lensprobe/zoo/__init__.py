@@ -34,7 +34,7 @@ __all__ = ["names", "load", "info", "path", "steps", "DEFAULT"]
 _DIR = Path(__file__).resolve().parent
 _STEP_FILE = re.compile(r"^step_(\d{6})\.safetensors$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-DEFAULT = "retrieval"
+DEFAULT = "shakespeare"
 """The model ``lensprobe report`` analyses when no --model is given."""
 
 
