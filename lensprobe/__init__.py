@@ -47,6 +47,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                  "Retrieval", "TokenPriorityGraph", "alignment_curve", "graph_svm", "head_W",
                  "priority_alignment", "priority_loss", "priority_model",
                  "retrieval_graph_view", "train_priority"),
+    # 4b. induction heads: the real-text case of stacked heads
+    "induction": ("InductionEmergence", "InductionHeads", "induction_emergence",
+                  "induction_heads"),
+    # many models x prompt shards, serial or on Ray (optional extra)
+    "sweep": ("sweep",),
 }
 _SUBMODULES = ("tasks", "views", "zoo")
 _ORIGIN: dict[str, str] = {name: mod for mod, names in _EXPORTS.items() for name in names}
