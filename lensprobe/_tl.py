@@ -414,7 +414,7 @@ def load_pretrained(
     if local:
         _require_safetensors(path)
     try:
-        with _hub_offline(local):
+        with _hub_offline(local), _quiet_transformers():
             if BACKEND == "bridge":
                 if local and "tokenizer" not in kwargs:
                     kwargs["tokenizer"] = local_tokenizer(path)
@@ -441,6 +441,23 @@ def load_pretrained(
         ) from e
     model.eval()
     return model
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' own output (the "Loading weights" progress bar, deprecation and
+    init notices) silenced for the duration of a load, its settings restored after."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @contextmanager
