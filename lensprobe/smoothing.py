@@ -439,11 +439,11 @@ class OVSpectrum:
 
     def show(self) -> Any:
         """A View: the per-layer/per-head reading table and the complex-plane plot."""
-        from .views import View, escape, figure_html
+        from .views import View, escape, figure_html, table_html
 
         df = self.to_dataframe()
-        table = _html_table(df[["layer", "head", "kind", "reading", "mu_dc", "n_nonzero",
-                                "n_positive", "n_negative", "n_complex"]])
+        table = table_html(df[["layer", "head", "kind", "reading", "mu_dc", "n_nonzero",
+                                "n_positive", "n_negative", "n_complex"]], na_rep="")
         fig = self.plot()
         body = (
             f"<h3>OV eigenspectra</h3><p class='note'>{escape(self.weights)}</p>"
@@ -465,11 +465,6 @@ def _draw_regions(ax: Any) -> None:
             va="top", color="tab:red")
     ax.set_aspect("equal", adjustable="datalim")
     ax.update_datalim([(-2.1, -1.1), (0.4, 1.1)])
-
-
-def _html_table(df: Any) -> str:
-    """A DataFrame as an HTML table; pandas escapes every cell."""
-    return df.to_html(index=False, escape=True, na_rep="", float_format=lambda v: f"{v:.4g}")
 
 
 def _close(fig: Any) -> None:
@@ -688,10 +683,10 @@ class Dominance:
         return fig
 
     def show(self) -> Any:
-        from .views import View, figure_html
+        from .views import View, figure_html, table_html
 
         fig = self.plot()
-        body = "<h3>Dominant eigenmodes</h3>" + _html_table(self.to_dataframe()) + figure_html(
+        body = "<h3>Dominant eigenmodes</h3>" + table_html(self.to_dataframe(), na_rep="") + figure_html(
             fig, alt="dominance"
         )
         _close(fig)
