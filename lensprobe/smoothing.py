@@ -569,10 +569,16 @@ def update_eigenvalues(attn_eigs: torch.Tensor, ov_eigs: torch.Tensor) -> torch.
 
 
 def _mu(attn_eigs: torch.Tensor, ov_eigs: torch.Tensor, ov_mask: torch.Tensor) -> tuple:
-    """(mu_DC [...], mu_HF [...]) over non-zero OV eigenvalues; attn index 0 is DC."""
+    """(mu_DC [...], mu_HF [...]) over non-zero OV eigenvalues; attn index 0 is DC.
+
+    A zero OV eigenvalue leaves its subspace untouched (|mu| = 1 for every attention
+    eigenvalue), so like :func:`classify_spectrum` it takes no part in either maximum:
+    counting it would put a floor of 1 under mu_HF and mu_DC alike.
+    """
     mu = update_eigenvalues(attn_eigs, ov_eigs).abs()  # [..., n, k]
     mask = ov_mask[..., None, :].expand_as(mu)
-    mu = torch.where(mask, mu, torch.ones_like(mu))  # zero OV eigenvalues: |mu| = 1, ignored
+    # |mu| >= 0, so 0 never wins a maximum that has at least one non-zero OV eigenvalue.
+    mu = torch.where(mask, mu, torch.zeros_like(mu))
     has_any = ov_mask.any(dim=-1)
     mu_dc = torch.where(has_any, mu[..., 0, :].amax(dim=-1), torch.ones_like(mu[..., 0, 0]))
     mu_hf = torch.where(has_any, mu[..., 1:, :].amax(dim=(-2, -1)), torch.ones_like(mu_dc))
