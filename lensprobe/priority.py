@@ -29,6 +29,7 @@ attention mass per token, p(v) = sum_t s_t 1[x_t = v]; the loss is -log p(y).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -715,6 +716,30 @@ def priority_loss(model: Any, batch: Any, *, layer: int = 0, head: int = 0) -> t
     return loss.mean(), {"label_mass": float(mass.detach().mean())}
 
 
+def _w_step_gain(model: Any, layer: int, head: int) -> float | None:
+    """The factor on lr that makes an NGD step on the trained parameters a step of lr on W.
+
+    W = W_K W_Q^T / scale for the head's [d_model, d_head] W_K and W_Q. When the trained
+    parameters are exactly W_K's (one layer, one head, nothing else trained) and
+    W_Q W_Q^T = c^2 I, a step dW_K = -eta g_K / ||g_K|| with g_K = g_W W_Q / scale gives
+    dW = -(eta c / scale) g_W / ||g_W||: the factor is scale / c. Otherwise None.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable or model.cfg.n_layers != 1 or model.cfg.n_heads != 1:
+        return None
+    with torch.enable_grad():  # a throw-away graph, only to find the leaves W_K is built from
+        leaves = _leaf_parameters(model.W_K)
+    if {id(p) for p in trainable} != {id(p) for p in leaves}:
+        return None
+    with torch.no_grad():
+        W_Q = model.W_Q[layer, head].detach().to("cpu", torch.float64)
+    G = W_Q @ W_Q.T
+    c2 = float(G.diagonal().mean())
+    if c2 <= 0 or not torch.allclose(G, c2 * torch.eye(len(G), dtype=G.dtype), rtol=0, atol=1e-9 * c2):
+        return None
+    return _tl.attn_scale(model, layer) / math.sqrt(c2)
+
+
 def train_priority(
     model: Any,
     sequences: torch.Tensor,
@@ -732,13 +757,24 @@ def train_priority(
 ) -> Any:
     """Full-batch normalised gradient descent on :func:`priority_loss`, through ``lp.train``.
 
-    W <- W - lr_t grad L / ||grad L||_F on the fixed dataset (sequences [n, T], labels [n]),
-    the paper's optimiser; ``schedule='cosine'`` decays lr_t to 0 (lets the within-SCC
-    part settle at W_fin), ``'constant'`` keeps it. Trains the model in place (only
-    parameters with requires_grad). Returns lp.train's TrainResult (``history`` carries
-    ``label_mass``; ``model_at(step)`` gives checkpoint copies). ``threads``: torch
+    W <- W - lr_t grad_W L / ||grad_W L||_F on the fixed dataset (sequences [n, T],
+    labels [n]), the paper's optimiser, with W = (QK[layer, head])^T / attn_scale as
+    :func:`head_W` reads it: ``lr`` is the Frobenius length of each step on W, so the
+    paper's learning rates carry over. ``schedule='cosine'`` decays lr_t to 0 (lets the
+    within-SCC part settle at W_fin), ``'constant'`` keeps it. Trains the model in place
+    (only parameters with requires_grad). Returns lp.train's TrainResult (``history``
+    carries ``label_mass``; ``model_at(step)`` gives checkpoint copies). ``threads``: torch
     intra-op threads during training (restored after; 1 is fastest for these tiny models,
     and many times faster than the default on a busy machine; None leaves it alone).
+
+    The step is taken on W_K, the only trained parameter of :func:`priority_model`:
+    W = W_K W_Q^T / scale, so with W_Q W_Q^T = c^2 I (W_Q = I there) an NGD step of
+    length lr * scale / c on W_K is exactly an NGD step of length lr on W (same
+    direction, since grad_{W_K} L = grad_W L W_Q / scale). For a model where W is not such
+    a map of the trained parameters (more heads or layers, W_Q trained or not a multiple
+    of an orthogonal matrix) ``lr`` is the step on the trained parameters, with a warning.
+    (lensprobe 0.1.0 took ``lr`` as the step on W_K, so W moved by lr / sqrt(d_model):
+    divide an old run's lr by sqrt(d_model) to repeat it.)
     """
     from .tasks.priority import FixedData
     from .training import train
@@ -748,12 +784,22 @@ def train_priority(
     def loss_fn(m: Any, batch: Any) -> tuple[torch.Tensor, dict]:
         return priority_loss(m, batch, layer=layer, head=head)
 
+    _tl.require_model(model)
+    layer, head = check_layer(model, layer), check_head(model, head)
+    gain = _w_step_gain(model, layer, head)
+    if gain is None:
+        warnings.warn(
+            "train_priority: the model's head W is not a fixed linear image of its trained"
+            " parameters (expected lp.priority_model: one head, only W_K trained, W_Q a"
+            " multiple of an orthogonal matrix), so lr is the NGD step on the trained"
+            " parameters, not on W.", stacklevel=2)
+        gain = 1.0
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
         return train(
-            model, data, steps=steps, lr=lr, batch_size=len(data.tokens), warmup=0,
+            model, data, steps=steps, lr=lr * gain, batch_size=len(data.tokens), warmup=0,
             weight_decay=0.0, schedule=schedule, grad_clip=None, optimizer="ngd", loss_fn=loss_fn,
             eval_every=eval_every, eval_batch_size=len(data.tokens),
             checkpoint_steps=checkpoint_steps, progress=progress,

@@ -75,3 +75,38 @@ def test_dominance_ignores_zero_ov_eigenvalues(n_heads):
     assert float(dom.layer_mu_dc[0]) == pytest.approx(mu_dc)
     assert float(dom.layer_mu_hf[0, 0]) == pytest.approx(mu_hf)
     assert int(dom.layer_dominant[0, 0]) == 1
+
+
+# --------------------------------------------------------------------------- item 3
+def _paper_loss(W: torch.Tensor, E: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Li et al.'s loss, written plainly: s = softmax(X W x_T), -log sum_t s_t 1[x_t = y]."""
+    total = 0.0
+    for seq, label in zip(X.tolist(), y.tolist()):
+        emb = E[seq]  # [T, d]
+        s = torch.softmax(emb @ W @ emb[-1], 0)
+        total = total - torch.log(sum(s[t] for t, tok in enumerate(seq) if tok == label))
+    return total / len(X)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_train_priority_lr_is_the_step_on_the_papers_W(schedule):
+    model = lp.priority_model(6, 8, seed=0)
+    X = torch.tensor([[0, 1, 2, 3], [2, 4, 1, 5]])
+    y = torch.tensor([1, 4])
+    E = model.W_E.detach().to(D64)
+    lr = 0.01
+    for _ in range(3):  # from W = 0, then from W != 0
+        W0 = lp.head_W(model)
+        g = torch.func.grad(lambda W: _paper_loss(W, E, X, y))(W0)
+        lp.train_priority(model, X, y, steps=1, lr=lr, schedule=schedule, progress=False)
+        dW = lp.head_W(model) - W0
+        assert float(dW.norm()) == pytest.approx(lr, rel=1e-9)
+        torch.testing.assert_close(dW, -lr * g / g.norm(), rtol=0, atol=1e-12)
+
+
+def test_train_priority_warns_when_lr_cannot_be_the_step_on_W():
+    model = lp.tiny_model(n_layers=1, n_heads=2, d_model=8, d_vocab=6, n_ctx=8, attn_only=True,
+                          normalization=None, dtype=D64)
+    with pytest.warns(UserWarning, match="not on W"):
+        lp.train_priority(model, torch.tensor([[0, 1, 2]]), torch.tensor([1]), steps=1,
+                          lr=0.01, progress=False)
