@@ -28,6 +28,7 @@ attention mass per token, p(v) = sum_t s_t 1[x_t = v]; the loss is -log p(y).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ import torch
 from . import _tl
 from .core import guard, run_hooked
 from .errors import InputError
-from .inputs import check_head, check_layer, to_tokens
+from .inputs import check_finite, check_head, check_layer, check_pattern, to_tokens
 from .views import View, escape
 
 __all__ = [
@@ -100,14 +101,40 @@ class Retrieval:
         return "tie" if self.tie else "unique"
 
 
+def _int_ids(values: Any, what: str, ndim: int) -> torch.Tensor:
+    """``values`` as an integer tensor with ``ndim`` dimensions, or a clear InputError.
+
+    Never truncates: float ids (0.5), text and nested lists of the wrong depth are errors.
+    """
+    if isinstance(values, (str, bytes)):
+        raise InputError(
+            f"{what} is text ({values!r:.60}); pass token ids (ints). Tokenise text first"
+            " (model.to_tokens, or the task's vocabulary)."
+        )
+    try:
+        t = values if isinstance(values, torch.Tensor) else torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(
+            f"cannot read {what} as token ids ({type(values).__name__}: {e}); pass a tensor or"
+            " (nested) lists of ints."
+        ) from e
+    if t.ndim != ndim:
+        shape = "[n]" if ndim == 1 else "[n, T] (or a list of id lists)"
+        raise InputError(f"{what} must have shape {shape}, got shape {tuple(t.shape)}.")
+    if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise InputError(
+            f"{what} must be integer token ids, got dtype {t.dtype}; float ids are not rounded"
+            " or truncated. Pass ints (e.g. tensor.long() if the values are whole numbers)."
+        )
+    return t
+
+
 def _as_sequences(sequences: Any, labels: Any) -> tuple[list[tuple[int, ...]], list[int]]:
-    if isinstance(sequences, torch.Tensor):
-        if sequences.ndim != 2:
-            raise InputError(f"sequences must be [n, T], got shape {tuple(sequences.shape)}.")
-        seqs = [tuple(int(t) for t in row) for row in sequences.tolist()]
+    if isinstance(sequences, (str, bytes)) or isinstance(sequences, torch.Tensor):
+        seqs = [tuple(row) for row in _int_ids(sequences, "sequences", 2).tolist()]
     else:
-        seqs = [tuple(int(t) for t in s) for s in sequences]
-    labs = [int(v) for v in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
+        seqs = [tuple(_int_ids(s, f"sequence {i}", 1).tolist()) for i, s in enumerate(sequences)]
+    labs = _int_ids(labels, "labels", 1).tolist()
     if len(seqs) != len(labs):
         raise InputError(f"got {len(seqs)} sequences but {len(labs)} labels; pass one label each.")
     if not seqs:
@@ -126,6 +153,12 @@ class TokenPriorityGraph:
     and an edge y -> x_t for every such sample (X, y) and every token x_t != y of X
     (the last token included): "the label outranks everything else in its context".
     Edge attribute ``count`` = the number of samples giving the edge.
+
+    Convention for a sample whose label y does not occur in its own context X: it adds
+    no node and no edge, with a warning, and ``excluded`` lists its index. The paper
+    assumes y in X; otherwise p(y) = 0 for every W, the loss -log p(y) is infinite, and
+    "y outranks X" is no statement about attention. (The sample stays in ``sequences``;
+    :func:`graph_svm`'s reduced loss leaves it out, and :func:`train_priority` refuses it.)
 
     SCCs are the sets of equal priority; the condensation DAG orders them. ``levels(k)``
     lays them out by priority: level 0 holds the SCCs nothing outranks, level l the SCCs
@@ -152,8 +185,20 @@ class TokenPriorityGraph:
         self.vocab = list(vocab) if vocab is not None else [str(i) for i in range(self.n_tokens)]
         if len(self.vocab) != self.n_tokens:
             raise InputError(f"vocab has {len(self.vocab)} strings for {self.n_tokens} tokens.")
+        self.excluded = tuple(i for i, (seq, y) in enumerate(zip(sequences, labels)) if y not in seq)
+        if self.excluded:
+            i = self.excluded[0]
+            warnings.warn(
+                f"{len(self.excluded)} of {len(sequences)} samples have a label that is not in"
+                f" their own context (e.g. sample {i}: label {labels[i]} not in"
+                f" {list(sequences[i])}); the paper's loss -log p(y) is infinite there, so they"
+                " add no edges to the token-priority graph (see TokenPriorityGraph.excluded).",
+                stacklevel=3,
+            )
         graphs: dict[int, nx.DiGraph] = {}
         for seq, y in zip(sequences, labels):
+            if y not in seq:
+                continue
             g = graphs.setdefault(seq[-1], nx.DiGraph())
             g.add_nodes_from(seq)
             g.add_node(y)
@@ -356,9 +401,7 @@ def _embeddings(embeddings: Any) -> torch.Tensor:
     E = torch.as_tensor(embeddings).detach().to("cpu", torch.float64)
     if E.ndim != 2:
         raise InputError(f"embeddings must be [n_tokens, d], got shape {tuple(E.shape)}.")
-    if not bool(torch.isfinite(E).all()):
-        raise InputError("embeddings contain NaN or inf.")
-    return E
+    return check_finite(E, "embeddings")
 
 
 def _reduced_batch(tpg: TokenPriorityGraph) -> tuple[np.ndarray, ...]:
@@ -486,12 +529,23 @@ def _orth_rows(M: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
     return Vt[:r]
 
 
+@functools.lru_cache(maxsize=1)
+def _blas_controller() -> Any:
+    """threadpoolctl's view of the loaded BLAS libraries (scanning them costs milliseconds)."""
+    from threadpoolctl import ThreadpoolController
+
+    import scipy.linalg  # noqa: F401  (make sure scipy's BLAS is loaded before the scan)
+
+    return ThreadpoolController()
+
+
 def graph_svm(
     tpg: TokenPriorityGraph,
     embeddings: Any,
     *,
     require_feasible: bool = True,
     tol: float = 1e-7,
+    blas_threads: int | None = 1,
 ) -> GraphSVM:
     """The Graph-SVM solution W_svm and the finite component W_fin (Li et al. 2024).
 
@@ -512,8 +566,21 @@ def graph_svm(
     an orthonormal basis of S_fin. W_svm is orthogonal to S_fin (its within-SCC
     equalities span it).
 
-    ``embeddings``: [n_tokens, d] tensor (or a model: its W_E rows).
+    ``embeddings``: [n_tokens, d] tensor (or a model: its W_E rows). ``blas_threads``:
+    BLAS threads while solving (threadpoolctl; restored after; None leaves them alone).
+    The solve is many small matrix products, SVDs and NNLS iterations, where OpenBLAS's
+    default of one thread per core only adds synchronisation: on a 2-core machine the
+    default was 6-50x slower than one thread (benchmarks/bench_priority.py).
     """
+    if blas_threads is None:
+        return _graph_svm(tpg, embeddings, require_feasible, tol)
+    if int(blas_threads) < 1:
+        raise InputError(f"blas_threads must be a positive int or None, got {blas_threads}.")
+    with _blas_controller().limit(limits=int(blas_threads), user_api="blas"):
+        return _graph_svm(tpg, embeddings, require_feasible, tol)
+
+
+def _graph_svm(tpg: TokenPriorityGraph, embeddings: Any, require_feasible: bool, tol: float) -> GraphSVM:
     from scipy.linalg import null_space
     from scipy.optimize import minimize, nnls
 
@@ -779,7 +846,15 @@ def train_priority(
     from .tasks.priority import FixedData
     from .training import train
 
-    data = FixedData(torch.as_tensor(sequences), torch.as_tensor(labels))
+    data = FixedData(sequences, labels)
+    missing = [i for i, (seq, y) in enumerate(zip(data.tokens.tolist(), data.labels.tolist()))
+               if y not in seq]
+    if missing:
+        raise InputError(
+            f"{len(missing)} samples have a label that is not in their own sequence (e.g."
+            f" sample {missing[0]}); the paper's loss -log p(y) is infinite there for every W."
+            " Drop them (TokenPriorityGraph leaves them out: see its `excluded`)."
+        )
 
     def loss_fn(m: Any, batch: Any) -> tuple[torch.Tensor, dict]:
         return priority_loss(m, batch, layer=layer, head=head)
@@ -826,6 +901,7 @@ def _token_masses(model: Any, seqs: list[tuple[int, ...]], layer: int, head: int
         toks = to_tokens(model, torch.tensor([seqs[i] for i in idx]))
         with torch.no_grad():
             att = _pattern_rows(model, toks, layer, head).to("cpu", torch.float64)
+        check_pattern(att, f"attention of L{layer}H{head} at the last position")
         for row, i in enumerate(idx):
             masses: dict[int, float] = {}
             for t, a in zip(seqs[i], att[row].tolist()):
@@ -1006,7 +1082,7 @@ def priority_alignment(
         seqs, labs = _as_sequences(sequences, labels)
     with guard(model):
         layer, head = check_layer(model, layer), check_head(model, head)
-        W = head_W(model, layer, head)
+        W = check_finite(head_W(model, layer, head), f"W of L{layer}H{head} (QK^T / attn_scale)")
         if svm is None:
             svm = graph_svm(tpg, embeddings if embeddings is not None else model,
                             require_feasible=False)

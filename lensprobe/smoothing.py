@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from . import _tl
 from .core import capture_acts, guard
 from .errors import InputError, ModelError
-from .inputs import check_finite, check_layers, to_tokens
+from .inputs import check_finite, check_layers, check_pattern, to_tokens
 
 __all__ = [
     "READINGS",
@@ -733,7 +733,7 @@ def dominance(
         acts = capture_acts(model, toks, names)
     attn, mu_hf, lmu_hf = [], [], []
     for i, name in enumerate(tqdm(names, desc="dominance", disable=not progress)):
-        pat = check_finite(acts[name].detach().to(torch.float64), f"attention pattern {name!r}")
+        pat = check_pattern(acts[name].detach().to(torch.float64), f"attention pattern {name!r}")
         a = attention_eigenvalues(pat, causal=causal)  # [batch, heads, pos]
         attn.append(a)
         _, hf = _mu(a, spec.head_eigenvalues[i][None], spec.head_nonzero[i][None])

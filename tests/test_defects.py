@@ -110,3 +110,157 @@ def test_train_priority_warns_when_lr_cannot_be_the_step_on_W():
     with pytest.warns(UserWarning, match="not on W"):
         lp.train_priority(model, torch.tensor([[0, 1, 2]]), torch.tensor([1]), steps=1,
                           lr=0.01, progress=False)
+
+
+# --------------------------------------------------------------------------- item 4
+def _cyclic_data():
+    from lensprobe.tasks.priority import PriorityTask, priority_dataset
+
+    return priority_dataset(PriorityTask.random(6, 4, tie_size=3, seed=0), 6, seed=0,
+                            require_cycle=True)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([[0.5, 1.5]], "integer token ids"),
+    (torch.tensor([[0.0, 1.0]]), "integer token ids"),
+    ([[[0, 1]], [[1, 2]]], r"shape \[n\]"),
+    (torch.zeros(1, 2, 2, dtype=torch.long), r"shape \[n, T\]"),
+    (["ab", "ba"], "text"),
+    ("0 1", "text"),
+    ([[0, "x"]], "cannot read"),
+])
+def test_priority_inputs_are_never_truncated_or_raw_errors(bad, match):
+    X, y = _cyclic_data()
+    tpg = lp.TokenPriorityGraph.from_data(X, y)
+    model = lp.priority_model(6, 8, seed=1)
+    labels = [1] * (len(bad) if not isinstance(bad, str) else 1)
+    with pytest.raises(InputError, match=match):
+        lp.priority_alignment(model, tpg, bad)
+    with pytest.raises(InputError, match=match):
+        lp.priority_alignment(model, tpg, bad, labels)
+    with pytest.raises(InputError, match=match):
+        lp.TokenPriorityGraph.from_data(bad, labels)
+    if not isinstance(bad, str):
+        with pytest.raises(InputError, match="integer token ids"):
+            lp.TokenPriorityGraph.from_data([[0, 1]], [1.5])
+
+
+def test_train_priority_rejects_float_ids():
+    model = lp.priority_model(6, 8, seed=0)
+    with pytest.raises(InputError, match="integer token ids"):
+        lp.train_priority(model, [[0.5, 1.5, 2.0]], [1], steps=1, progress=False)
+    with pytest.raises(InputError, match="integer token ids"):
+        lp.train_priority(model, [[0, 1, 2]], [1.0], steps=1, progress=False)
+
+
+def _fill_nan(model, key: str) -> None:
+    """NaN into the portable state-dict entries whose name contains ``key`` ('' = all)."""
+    sd = dict(lp._tl.portable_state_dict(model))
+    hit = [k for k in sd if key in k and sd[k].is_floating_point()]
+    assert hit, key
+    lp._tl.load_portable_state_dict(model, {k: torch.full_like(v, math.nan) if k in hit else v
+                                            for k, v in sd.items()})
+
+
+@pytest.mark.parametrize("where", ["W_K", "all"])
+def test_priority_alignment_raises_on_nan_weights(where, fingerprint):
+    X, y = _cyclic_data()
+    tpg = lp.TokenPriorityGraph.from_data(X, y)
+    model = lp.priority_model(6, 8, seed=1)
+    lp.train_priority(model, X, y, steps=20, lr=0.5, progress=False)
+    svm = lp.graph_svm(tpg, model)
+    _fill_nan(model, "" if where == "all" else "attn.W_K")
+    assert not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    before = fingerprint(model)
+    with pytest.raises(NonFiniteError):
+        lp.priority_alignment(model, tpg, svm=svm)
+    with pytest.raises(NonFiniteError):
+        lp.priority_alignment(model, tpg)  # builds the Graph-SVM from the (NaN) embeddings too
+    assert fingerprint(model) == before
+
+
+def _retrieval_setup():
+    from lensprobe.tasks.retrieval import RetrievalTask
+
+    task = RetrievalTask(hops=[1, 2], n_statements=3, n_vars=4, n_values=3)
+    batch = task.sample(8, torch.Generator().manual_seed(0))
+    model = lp.tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=len(task.vocab),
+                          n_ctx=task.seq_len, dtype=D64)
+    return model, batch
+
+
+@pytest.mark.parametrize("where", ["all", "unembed"])
+def test_stacked_heads_raises_on_nan_weights(where, fingerprint):
+    model, batch = _retrieval_setup()
+    _fill_nan(model, "" if where == "all" else "unembed.W_U")
+    before = fingerprint(model)
+    with pytest.raises(NonFiniteError):
+        lp.stacked_heads(model, batch)
+    with pytest.raises(NonFiniteError):
+        lp.stacking.query_accuracy(model, batch)
+    if where == "all":
+        with pytest.raises(NonFiniteError, match="attention"):
+            lp.stacked_heads(model, batch, ablation=None)
+        with pytest.raises(NonFiniteError, match="attention"):
+            lp.stacking.hop_scores(model, batch)
+    assert fingerprint(model) == before
+
+
+def test_dominance_raises_when_attention_scores_are_nan():
+    """NaN only in W_Q: the OV spectrum is finite, the attention scores are not."""
+    model = lp.tiny_model(n_layers=1, n_heads=2, d_model=8, d_vocab=6, n_ctx=8, attn_only=True,
+                          normalization=None, dtype=D64)
+    _fill_nan(model, "attn.W_Q")
+    assert all(bool(torch.isfinite(w).all()) for w in (model.W_V, model.W_O))
+    with pytest.raises(NonFiniteError, match="attention"):
+        lp.dominance(model, torch.tensor([[1, 2, 3, 4]]), progress=False)
+
+
+# --------------------------------------------------------------------------- item 5
+def test_label_outside_its_context_adds_no_edges_and_warns():
+    X = [[0, 1, 2], [3, 1, 2], [0, 3, 2]]
+    y = [1, 0, 3]  # sample 1: label 0 is not in [3, 1, 2]
+    with pytest.warns(UserWarning, match="not in their own context"):
+        tpg = lp.TokenPriorityGraph.from_data(X, y)
+    assert tpg.excluded == (1,)
+    # By hand, from samples 0 and 2 only (last token 2): 1 -> 0, 1 -> 2, 3 -> 0, 3 -> 2.
+    assert sorted(tpg.graph(2).edges) == [(1, 0), (1, 2), (3, 0), (3, 2)]
+    assert not tpg.graph(2).has_edge(0, 3) and not tpg.graph(2).has_edge(0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clean = lp.TokenPriorityGraph.from_data([X[0], X[2]], [y[0], y[2]])
+    assert clean.excluded == () and sorted(clean.graph(2).edges) == sorted(tpg.graph(2).edges)
+    model = lp.priority_model(4, 6, seed=0)
+    with pytest.raises(InputError, match="not in their own sequence"):
+        lp.train_priority(model, X, y, steps=1, progress=False)
+
+
+# --------------------------------------------------------------------------- item 11
+def test_graph_svm_bounds_blas_threads_inside_the_solver(monkeypatch):
+    import scipy.optimize
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    X, y = _cyclic_data()
+    tpg = lp.TokenPriorityGraph.from_data(X, y)
+    E = lp.priority_model(6, 8, seed=1).W_E.detach()
+    seen = []
+    nnls = scipy.optimize.nnls
+
+    def spy(*args, **kw):
+        seen.append({i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return nnls(*args, **kw)
+
+    monkeypatch.setattr(scipy.optimize, "nnls", spy)
+    with threadpool_limits(limits=2, user_api="blas"):  # what OpenBLAS picks on 2 cores
+        outside = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+        assert outside and set(outside.values()) == {2}
+        ref = lp.graph_svm(tpg, E)
+        assert seen and all(set(s.values()) == {1} for s in seen), seen
+        after = {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+        assert after == outside  # restored
+        seen.clear()
+        free = lp.graph_svm(tpg, E, blas_threads=None)
+        assert seen and all(set(s.values()) == {2} for s in seen), seen
+    torch.testing.assert_close(free.W_svm, ref.W_svm, rtol=0, atol=1e-9)
+    with pytest.raises(InputError, match="blas_threads"):
+        lp.graph_svm(tpg, E, blas_threads=0)
