@@ -28,6 +28,7 @@ attention mass per token, p(v) = sum_t s_t 1[x_t = v]; the loss is -log p(y).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -530,13 +531,28 @@ def _orth_rows(M: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1)
-def _blas_controller() -> Any:
-    """threadpoolctl's view of the loaded BLAS libraries (scanning them costs milliseconds)."""
+def _blas_libraries() -> tuple:
+    """threadpoolctl's controllers of the loaded BLAS libraries, found once: the scan costs
+    ~10 ms and ``threadpool_limits`` repeats it on every call (the solve can take 0.4 ms)."""
     from threadpoolctl import ThreadpoolController
 
-    import scipy.linalg  # noqa: F401  (make sure scipy's BLAS is loaded before the scan)
+    import scipy.linalg  # noqa: F401  (scipy's own BLAS must be loaded before the scan)
 
-    return ThreadpoolController()
+    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+@contextlib.contextmanager
+def _blas_threads(n: int) -> Any:
+    """BLAS libraries limited to ``n`` threads inside the block, restored after."""
+    libs = _blas_libraries()
+    saved = [lib.get_num_threads() for lib in libs]
+    for lib in libs:
+        lib.set_num_threads(n)
+    try:
+        yield
+    finally:
+        for lib, k in zip(libs, saved):
+            lib.set_num_threads(k)
 
 
 def graph_svm(
@@ -567,16 +583,16 @@ def graph_svm(
     equalities span it).
 
     ``embeddings``: [n_tokens, d] tensor (or a model: its W_E rows). ``blas_threads``:
-    BLAS threads while solving (threadpoolctl; restored after; None leaves them alone).
-    The solve is many small matrix products, SVDs and NNLS iterations, where OpenBLAS's
-    default of one thread per core only adds synchronisation: on a 2-core machine the
-    default was 6-50x slower than one thread (benchmarks/bench_priority.py).
+    BLAS threads while solving (through threadpoolctl; restored after; None leaves the
+    library's default, one thread per core for OpenBLAS). The solve is many small matrix
+    products, SVDs and NNLS/L-BFGS iterations, where extra BLAS threads mostly wait for
+    each other and compete with the caller's threads: see benchmarks/bench_priority.py.
     """
     if blas_threads is None:
         return _graph_svm(tpg, embeddings, require_feasible, tol)
     if int(blas_threads) < 1:
         raise InputError(f"blas_threads must be a positive int or None, got {blas_threads}.")
-    with _blas_controller().limit(limits=int(blas_threads), user_api="blas"):
+    with _blas_threads(int(blas_threads)):
         return _graph_svm(tpg, embeddings, require_feasible, tol)
 
 
