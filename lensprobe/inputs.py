@@ -22,6 +22,7 @@ __all__ = [
     "check_layers",
     "check_head",
     "check_finite",
+    "check_pattern",
     "check_float_dtype",
     "model_device",
     "move_model",
@@ -273,6 +274,27 @@ def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
                 " (torch.isfinite(p).all() for each parameter) or run in float32/float64."
             )
     return t
+
+
+def check_pattern(pattern: torch.Tensor, what: str) -> torch.Tensor:
+    """Raise NonFiniteError unless every row of attention ``pattern`` [..., key] is finite
+    and sums to 1.
+
+    HookedTransformer (TL 2) replaces NaN attention weights by 0 before ``hook_pattern``
+    (meant for fully masked rows), so NaN scores reach a hook as rows of zeros: a row
+    whose sum is far from 1 is NaN that TransformerLens hid.
+    """
+    check_finite(pattern, what)
+    sums = pattern.detach().sum(-1)
+    bad = (sums - 1).abs() > 0.1
+    if bool(bad.any()):
+        raise NonFiniteError(
+            f"{what}: {int(bad.sum())} of {sums.numel()} attention rows do not sum to 1 (e.g."
+            f" {float(sums[bad][0]):.3g}); TransformerLens sets NaN attention weights to 0, so"
+            " the attention scores were NaN. Check the weights (torch.isfinite(p).all() for"
+            " each parameter) and the inputs."
+        )
+    return pattern
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -28,7 +28,10 @@ attention mass per token, p(v) = sum_t s_t 1[x_t = v]; the loss is -log p(y).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -38,7 +41,7 @@ import torch
 from . import _tl
 from .core import guard, run_hooked
 from .errors import InputError
-from .inputs import check_head, check_layer, to_tokens
+from .inputs import check_finite, check_head, check_layer, check_pattern, to_tokens
 from .views import View, escape
 
 if TYPE_CHECKING:  # networkx loads on first use (import lensprobe stays light)
@@ -101,14 +104,40 @@ class Retrieval:
         return "tie" if self.tie else "unique"
 
 
+def _int_ids(values: Any, what: str, ndim: int) -> torch.Tensor:
+    """``values`` as an integer tensor with ``ndim`` dimensions, or a clear InputError.
+
+    Never truncates: float ids (0.5), text and nested lists of the wrong depth are errors.
+    """
+    if isinstance(values, (str, bytes)):
+        raise InputError(
+            f"{what} is text ({values!r:.60}); pass token ids (ints). Tokenise text first"
+            " (model.to_tokens, or the task's vocabulary)."
+        )
+    try:
+        t = values if isinstance(values, torch.Tensor) else torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(
+            f"cannot read {what} as token ids ({type(values).__name__}: {e}); pass a tensor or"
+            " (nested) lists of ints."
+        ) from e
+    if t.ndim != ndim:
+        shape = "[n]" if ndim == 1 else "[n, T] (or a list of id lists)"
+        raise InputError(f"{what} must have shape {shape}, got shape {tuple(t.shape)}.")
+    if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise InputError(
+            f"{what} must be integer token ids, got dtype {t.dtype}; float ids are not rounded"
+            " or truncated. Pass ints (e.g. tensor.long() if the values are whole numbers)."
+        )
+    return t
+
+
 def _as_sequences(sequences: Any, labels: Any) -> tuple[list[tuple[int, ...]], list[int]]:
-    if isinstance(sequences, torch.Tensor):
-        if sequences.ndim != 2:
-            raise InputError(f"sequences must be [n, T], got shape {tuple(sequences.shape)}.")
-        seqs = [tuple(int(t) for t in row) for row in sequences.tolist()]
+    if isinstance(sequences, (str, bytes)) or isinstance(sequences, torch.Tensor):
+        seqs = [tuple(row) for row in _int_ids(sequences, "sequences", 2).tolist()]
     else:
-        seqs = [tuple(int(t) for t in s) for s in sequences]
-    labs = [int(v) for v in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
+        seqs = [tuple(_int_ids(s, f"sequence {i}", 1).tolist()) for i, s in enumerate(sequences)]
+    labs = _int_ids(labels, "labels", 1).tolist()
     if len(seqs) != len(labs):
         raise InputError(f"got {len(seqs)} sequences but {len(labs)} labels; pass one label each.")
     if not seqs:
@@ -127,6 +156,12 @@ class TokenPriorityGraph:
     and an edge y -> x_t for every such sample (X, y) and every token x_t != y of X
     (the last token included): "the label outranks everything else in its context".
     Edge attribute ``count`` = the number of samples giving the edge.
+
+    Convention for a sample whose label y does not occur in its own context X: it adds
+    no node and no edge, with a warning, and ``excluded`` lists its index. The paper
+    assumes y in X; otherwise p(y) = 0 for every W, the loss -log p(y) is infinite, and
+    "y outranks X" is no statement about attention. (The sample stays in ``sequences``;
+    :func:`graph_svm`'s reduced loss leaves it out, and :func:`train_priority` refuses it.)
 
     SCCs are the sets of equal priority; the condensation DAG orders them. ``levels(k)``
     lays them out by priority: level 0 holds the SCCs nothing outranks, level l the SCCs
@@ -155,8 +190,20 @@ class TokenPriorityGraph:
             raise InputError(f"vocab has {len(self.vocab)} strings for {self.n_tokens} tokens.")
         import networkx as nx
 
+        self.excluded = tuple(i for i, (seq, y) in enumerate(zip(sequences, labels)) if y not in seq)
+        if self.excluded:
+            i = self.excluded[0]
+            warnings.warn(
+                f"{len(self.excluded)} of {len(sequences)} samples have a label that is not in"
+                f" their own context (e.g. sample {i}: label {labels[i]} not in"
+                f" {list(sequences[i])}); the paper's loss -log p(y) is infinite there, so they"
+                " add no edges to the token-priority graph (see TokenPriorityGraph.excluded).",
+                stacklevel=3,
+            )
         graphs: dict[int, nx.DiGraph] = {}
         for seq, y in zip(sequences, labels):
+            if y not in seq:
+                continue
             g = graphs.setdefault(seq[-1], nx.DiGraph())
             g.add_nodes_from(seq)
             g.add_node(y)
@@ -363,9 +410,7 @@ def _embeddings(embeddings: Any) -> torch.Tensor:
     E = torch.as_tensor(embeddings).detach().to("cpu", torch.float64)
     if E.ndim != 2:
         raise InputError(f"embeddings must be [n_tokens, d], got shape {tuple(E.shape)}.")
-    if not bool(torch.isfinite(E).all()):
-        raise InputError("embeddings contain NaN or inf.")
-    return E
+    return check_finite(E, "embeddings")
 
 
 def _reduced_batch(tpg: TokenPriorityGraph) -> tuple[np.ndarray, ...]:
@@ -493,12 +538,38 @@ def _orth_rows(M: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
     return Vt[:r]
 
 
+@functools.lru_cache(maxsize=1)
+def _blas_libraries() -> tuple:
+    """threadpoolctl's controllers of the loaded BLAS libraries, found once: the scan costs
+    ~10 ms and ``threadpool_limits`` repeats it on every call (the solve can take 0.4 ms)."""
+    from threadpoolctl import ThreadpoolController
+
+    import scipy.linalg  # noqa: F401  (scipy's own BLAS must be loaded before the scan)
+
+    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+@contextlib.contextmanager
+def _blas_threads(n: int) -> Any:
+    """BLAS libraries limited to ``n`` threads inside the block, restored after."""
+    libs = _blas_libraries()
+    saved = [lib.get_num_threads() for lib in libs]
+    for lib in libs:
+        lib.set_num_threads(n)
+    try:
+        yield
+    finally:
+        for lib, k in zip(libs, saved):
+            lib.set_num_threads(k)
+
+
 def graph_svm(
     tpg: TokenPriorityGraph,
     embeddings: Any,
     *,
     require_feasible: bool = True,
     tol: float = 1e-7,
+    blas_threads: int | None = 1,
 ) -> GraphSVM:
     """The Graph-SVM solution W_svm and the finite component W_fin (Li et al. 2024).
 
@@ -519,8 +590,21 @@ def graph_svm(
     an orthonormal basis of S_fin. W_svm is orthogonal to S_fin (its within-SCC
     equalities span it).
 
-    ``embeddings``: [n_tokens, d] tensor (or a model: its W_E rows).
+    ``embeddings``: [n_tokens, d] tensor (or a model: its W_E rows). ``blas_threads``:
+    BLAS threads while solving (through threadpoolctl; restored after; None leaves the
+    library's default, one thread per core for OpenBLAS). The solve is many small matrix
+    products, SVDs and NNLS/L-BFGS iterations, where extra BLAS threads mostly wait for
+    each other and compete with the caller's threads: see benchmarks/bench_priority.py.
     """
+    if blas_threads is None:
+        return _graph_svm(tpg, embeddings, require_feasible, tol)
+    if int(blas_threads) < 1:
+        raise InputError(f"blas_threads must be a positive int or None, got {blas_threads}.")
+    with _blas_threads(int(blas_threads)):
+        return _graph_svm(tpg, embeddings, require_feasible, tol)
+
+
+def _graph_svm(tpg: TokenPriorityGraph, embeddings: Any, require_feasible: bool, tol: float) -> GraphSVM:
     from scipy.linalg import null_space
     from scipy.optimize import minimize, nnls
 
@@ -723,6 +807,30 @@ def priority_loss(model: Any, batch: Any, *, layer: int = 0, head: int = 0) -> t
     return loss.mean(), {"label_mass": float(mass.detach().mean())}
 
 
+def _w_step_gain(model: Any, layer: int, head: int) -> float | None:
+    """The factor on lr that makes an NGD step on the trained parameters a step of lr on W.
+
+    W = W_K W_Q^T / scale for the head's [d_model, d_head] W_K and W_Q. When the trained
+    parameters are exactly W_K's (one layer, one head, nothing else trained) and
+    W_Q W_Q^T = c^2 I, a step dW_K = -eta g_K / ||g_K|| with g_K = g_W W_Q / scale gives
+    dW = -(eta c / scale) g_W / ||g_W||: the factor is scale / c. Otherwise None.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable or model.cfg.n_layers != 1 or model.cfg.n_heads != 1:
+        return None
+    with torch.enable_grad():  # a throw-away graph, only to find the leaves W_K is built from
+        leaves = _leaf_parameters(model.W_K)
+    if {id(p) for p in trainable} != {id(p) for p in leaves}:
+        return None
+    with torch.no_grad():
+        W_Q = model.W_Q[layer, head].detach().to("cpu", torch.float64)
+    G = W_Q @ W_Q.T
+    c2 = float(G.diagonal().mean())
+    if c2 <= 0 or not torch.allclose(G, c2 * torch.eye(len(G), dtype=G.dtype), rtol=0, atol=1e-9 * c2):
+        return None
+    return _tl.attn_scale(model, layer) / math.sqrt(c2)
+
+
 def train_priority(
     model: Any,
     sequences: torch.Tensor,
@@ -740,28 +848,57 @@ def train_priority(
 ) -> Any:
     """Full-batch normalised gradient descent on :func:`priority_loss`, through ``lp.train``.
 
-    W <- W - lr_t grad L / ||grad L||_F on the fixed dataset (sequences [n, T], labels [n]),
-    the paper's optimiser; ``schedule='cosine'`` decays lr_t to 0 (lets the within-SCC
-    part settle at W_fin), ``'constant'`` keeps it. Trains the model in place (only
-    parameters with requires_grad). Returns lp.train's TrainResult (``history`` carries
-    ``label_mass``; ``model_at(step)`` gives checkpoint copies). ``threads``: torch
+    W <- W - lr_t grad_W L / ||grad_W L||_F on the fixed dataset (sequences [n, T],
+    labels [n]), the paper's optimiser, with W = (QK[layer, head])^T / attn_scale as
+    :func:`head_W` reads it: ``lr`` is the Frobenius length of each step on W, so the
+    paper's learning rates carry over. ``schedule='cosine'`` decays lr_t to 0 (lets the
+    within-SCC part settle at W_fin), ``'constant'`` keeps it. Trains the model in place
+    (only parameters with requires_grad). Returns lp.train's TrainResult (``history``
+    carries ``label_mass``; ``model_at(step)`` gives checkpoint copies). ``threads``: torch
     intra-op threads during training (restored after; 1 is fastest for these tiny models,
     and many times faster than the default on a busy machine; None leaves it alone).
+
+    The step is taken on W_K, the only trained parameter of :func:`priority_model`:
+    W = W_K W_Q^T / scale, so with W_Q W_Q^T = c^2 I (W_Q = I there) an NGD step of
+    length lr * scale / c on W_K is exactly an NGD step of length lr on W (same
+    direction, since grad_{W_K} L = grad_W L W_Q / scale). For a model where W is not such
+    a map of the trained parameters (more heads or layers, W_Q trained or not a multiple
+    of an orthogonal matrix) ``lr`` is the step on the trained parameters, with a warning.
+    (lensprobe 0.1.0 took ``lr`` as the step on W_K, so W moved by lr / sqrt(d_model):
+    divide an old run's lr by sqrt(d_model) to repeat it.)
     """
     from .tasks.priority import FixedData
     from .training import train
 
-    data = FixedData(torch.as_tensor(sequences), torch.as_tensor(labels))
+    data = FixedData(sequences, labels)
+    missing = [i for i, (seq, y) in enumerate(zip(data.tokens.tolist(), data.labels.tolist()))
+               if y not in seq]
+    if missing:
+        raise InputError(
+            f"{len(missing)} samples have a label that is not in their own sequence (e.g."
+            f" sample {missing[0]}); the paper's loss -log p(y) is infinite there for every W."
+            " Drop them (TokenPriorityGraph leaves them out: see its `excluded`)."
+        )
 
     def loss_fn(m: Any, batch: Any) -> tuple[torch.Tensor, dict]:
         return priority_loss(m, batch, layer=layer, head=head)
 
+    _tl.require_model(model)
+    layer, head = check_layer(model, layer), check_head(model, head)
+    gain = _w_step_gain(model, layer, head)
+    if gain is None:
+        warnings.warn(
+            "train_priority: the model's head W is not a fixed linear image of its trained"
+            " parameters (expected lp.priority_model: one head, only W_K trained, W_Q a"
+            " multiple of an orthogonal matrix), so lr is the NGD step on the trained"
+            " parameters, not on W.", stacklevel=2)
+        gain = 1.0
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
         return train(
-            model, data, steps=steps, lr=lr, batch_size=len(data.tokens), warmup=0,
+            model, data, steps=steps, lr=lr * gain, batch_size=len(data.tokens), warmup=0,
             weight_decay=0.0, schedule=schedule, grad_clip=None, optimizer="ngd", loss_fn=loss_fn,
             eval_every=eval_every, eval_batch_size=len(data.tokens),
             checkpoint_steps=checkpoint_steps, progress=progress,
@@ -788,6 +925,7 @@ def _token_masses(model: Any, seqs: list[tuple[int, ...]], layer: int, head: int
         toks = to_tokens(model, torch.tensor([seqs[i] for i in idx]))
         with torch.no_grad():
             att = _pattern_rows(model, toks, layer, head).to("cpu", torch.float64)
+        check_pattern(att, f"attention of L{layer}H{head} at the last position")
         for row, i in enumerate(idx):
             masses: dict[int, float] = {}
             for t, a in zip(seqs[i], att[row].tolist()):
@@ -968,7 +1106,7 @@ def priority_alignment(
         seqs, labs = _as_sequences(sequences, labels)
     with guard(model):
         layer, head = check_layer(model, layer), check_head(model, head)
-        W = head_W(model, layer, head)
+        W = check_finite(head_W(model, layer, head), f"W of L{layer}H{head} (QK^T / attn_scale)")
         if svm is None:
             svm = graph_svm(tpg, embeddings if embeddings is not None else model,
                             require_feasible=False)

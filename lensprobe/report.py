@@ -185,8 +185,8 @@ def _fig(fig: Any, alt: str) -> str:
 
 
 def _table(df: Any, max_rows: int = 24) -> str:
-    """A pandas DataFrame as an escaped HTML table (pandas escapes cell text)."""
-    return df.head(max_rows).to_html(index=False, escape=True, float_format=lambda v: f"{v:.4g}")
+    """A pandas DataFrame as an escaped HTML table (bidirectional controls written out)."""
+    return views.table_html(df, max_rows)
 
 
 def _is_big(model: Any) -> bool:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from . import _tl
 from .core import capture_acts, guard
 from .errors import InputError, ModelError
-from .inputs import check_finite, check_layers, to_tokens
+from .inputs import check_finite, check_layers, check_pattern, to_tokens
 
 __all__ = [
     "READINGS",
@@ -439,11 +439,11 @@ class OVSpectrum:
 
     def show(self) -> Any:
         """A View: the per-layer/per-head reading table and the complex-plane plot."""
-        from .views import View, escape, figure_html
+        from .views import View, escape, figure_html, table_html
 
         df = self.to_dataframe()
-        table = _html_table(df[["layer", "head", "kind", "reading", "mu_dc", "n_nonzero",
-                                "n_positive", "n_negative", "n_complex"]])
+        table = table_html(df[["layer", "head", "kind", "reading", "mu_dc", "n_nonzero",
+                                "n_positive", "n_negative", "n_complex"]], na_rep="")
         fig = self.plot()
         body = (
             f"<h3>OV eigenspectra</h3><p class='note'>{escape(self.weights)}</p>"
@@ -465,11 +465,6 @@ def _draw_regions(ax: Any) -> None:
             va="top", color="tab:red")
     ax.set_aspect("equal", adjustable="datalim")
     ax.update_datalim([(-2.1, -1.1), (0.4, 1.1)])
-
-
-def _html_table(df: Any) -> str:
-    """A DataFrame as an HTML table; pandas escapes every cell."""
-    return df.to_html(index=False, escape=True, na_rep="", float_format=lambda v: f"{v:.4g}")
 
 
 def _close(fig: Any) -> None:
@@ -574,10 +569,16 @@ def update_eigenvalues(attn_eigs: torch.Tensor, ov_eigs: torch.Tensor) -> torch.
 
 
 def _mu(attn_eigs: torch.Tensor, ov_eigs: torch.Tensor, ov_mask: torch.Tensor) -> tuple:
-    """(mu_DC [...], mu_HF [...]) over non-zero OV eigenvalues; attn index 0 is DC."""
+    """(mu_DC [...], mu_HF [...]) over non-zero OV eigenvalues; attn index 0 is DC.
+
+    A zero OV eigenvalue leaves its subspace untouched (|mu| = 1 for every attention
+    eigenvalue), so like :func:`classify_spectrum` it takes no part in either maximum:
+    counting it would put a floor of 1 under mu_HF and mu_DC alike.
+    """
     mu = update_eigenvalues(attn_eigs, ov_eigs).abs()  # [..., n, k]
     mask = ov_mask[..., None, :].expand_as(mu)
-    mu = torch.where(mask, mu, torch.ones_like(mu))  # zero OV eigenvalues: |mu| = 1, ignored
+    # |mu| >= 0, so 0 never wins a maximum that has at least one non-zero OV eigenvalue.
+    mu = torch.where(mask, mu, torch.zeros_like(mu))
     has_any = ov_mask.any(dim=-1)
     mu_dc = torch.where(has_any, mu[..., 0, :].amax(dim=-1), torch.ones_like(mu[..., 0, 0]))
     mu_hf = torch.where(has_any, mu[..., 1:, :].amax(dim=(-2, -1)), torch.ones_like(mu_dc))
@@ -688,10 +689,10 @@ class Dominance:
         return fig
 
     def show(self) -> Any:
-        from .views import View, figure_html
+        from .views import View, figure_html, table_html
 
         fig = self.plot()
-        body = "<h3>Dominant eigenmodes</h3>" + _html_table(self.to_dataframe()) + figure_html(
+        body = "<h3>Dominant eigenmodes</h3>" + table_html(self.to_dataframe(), na_rep="") + figure_html(
             fig, alt="dominance"
         )
         _close(fig)
@@ -732,7 +733,7 @@ def dominance(
         acts = capture_acts(model, toks, names)
     attn, mu_hf, lmu_hf = [], [], []
     for i, name in enumerate(tqdm(names, desc="dominance", disable=not progress)):
-        pat = check_finite(acts[name].detach().to(torch.float64), f"attention pattern {name!r}")
+        pat = check_pattern(acts[name].detach().to(torch.float64), f"attention pattern {name!r}")
         a = attention_eigenvalues(pat, causal=causal)  # [batch, heads, pos]
         attn.append(a)
         _, hf = _mu(a, spec.head_eigenvalues[i][None], spec.head_nonzero[i][None])

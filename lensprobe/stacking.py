@@ -26,7 +26,7 @@ import torch
 from . import _tl
 from .core import guard, run_hooked
 from .errors import InputError
-from .inputs import check_finite, model_device, to_tokens
+from .inputs import check_finite, check_pattern, model_device, to_tokens
 from .models import str_tokens
 from .tasks.base import IGNORE, Batch
 from .tasks.retrieval import RetrievalTask, depth_bound, doubling_hops
@@ -146,7 +146,7 @@ def hop_scores(model: Any, batch: Batch, *, target: str = "rhs") -> HopScores:
     tokens = to_tokens(model, batch.tokens)
     with guard(model):
         pats = _patterns(model, tokens)
-        check_finite(pats, "attention patterns")
+        check_pattern(pats, "attention patterns")
     return _hop_scores_from_patterns(pats, batch, target)
 
 
@@ -446,7 +446,7 @@ def stacked_heads(
     tokens = to_tokens(model, batch.tokens)
     with guard(model):
         pats = _patterns(model, tokens)
-        check_finite(pats, "attention patterns")
+        check_pattern(pats, "attention patterns")
         hs = _hop_scores_from_patterns(pats, batch, target)
         L, H, K = hs.scores.shape
         best_score, best_idx = hs.scores.max(dim=-1)
@@ -477,7 +477,7 @@ def stacked_heads(
         drops: dict[str, dict[int, float]] = {}
         if ablation is not None:
             with torch.no_grad():
-                clean = _accuracy_by_difficulty(model(tokens), batch)
+                clean = _accuracy_by_difficulty(check_finite(model(tokens), "logits"), batch)
             heads = ([(s["layer"], s["head"]) for s in stack] if ablate == "stack"
                      else [(l, h) for l in range(L) for h in range(H)])
             for l, h in heads:
@@ -509,7 +509,7 @@ def query_accuracy(model: Any, batch: Batch) -> dict[int, float]:
     tokens = to_tokens(model, batch.tokens)
     q = int(batch.info["query_pos"])
     with guard(model), torch.no_grad():
-        logits = model(tokens)[:, q]
+        logits = check_finite(model(tokens)[:, q], "logits")
     hit = logits.argmax(-1).cpu() == batch.info["resolved"][:, q]
     D = batch.info["main_hops"]
     return {int(d): float(hit[D == d].float().mean()) for d in torch.unique(D)}

@@ -7,6 +7,12 @@ circuitsvis's own bundled JavaScript (``circuitsvis/dist/cdn/iife.js``), loaded 
 classic ``<script>`` so a page can include it once for many components, and writes the
 props as JSON with ``<``, ``>`` and ``&`` escaped so a token such as ``</script>`` cannot
 end the script early.
+
+Every string that reaches a page passes through one of two functions: :func:`escape` for
+HTML (lensprobe's own views, and circuitsvis props that circuitsvis writes with
+``innerHTML``) and :func:`visible` for text that React or a canvas renders as text. Both
+write bidirectional controls out as ``\\u202e`` so a token cannot reorder what is shown
+around it. :func:`circuitsvis_view` picks which one per prop (:data:`CIRCUITSVIS_TEXT_PROPS`).
 """
 
 from __future__ import annotations
@@ -25,13 +31,44 @@ __all__ = [
     "colored_tokens",
     "html_page",
     "escape",
+    "visible",
+    "table_html",
     "save_html",
+    "CIRCUITSVIS_TEXT_PROPS",
 ]
+
+# Unicode bidirectional controls (the "Trojan Source" characters, CVE-2021-42574): a token
+# holding one would reorder the text displayed after it. Written out, never applied.
+_BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_BIDI_VISIBLE = {ord(c): f"\\u{ord(c):04x}" for c in _BIDI_CONTROLS}
+
+
+def visible(text: Any) -> str:
+    """``str(text)`` with every bidirectional control written out as ``\\uXXXX`` text.
+
+    For strings that are rendered as text (React children, canvas labels, pandas cells
+    before pandas escapes them); :func:`escape` adds HTML escaping on top.
+    """
+    return str(text).translate(_BIDI_VISIBLE)
 
 
 def escape(text: Any) -> str:
-    """HTML-escape any value's string form (quotes included), for text and attributes."""
-    return html.escape(str(text), quote=True)
+    """HTML-escape any value's string form (quotes included), for text and attributes.
+
+    Bidirectional controls are written out first (:func:`visible`).
+    """
+    return html.escape(visible(text), quote=True)
+
+
+def table_html(df: Any, max_rows: int | None = None, *, na_rep: str = "NaN") -> str:
+    """A pandas DataFrame as an HTML table, every header and cell through :func:`escape`."""
+    df = df if max_rows is None else df.head(max_rows)
+    df = df.rename(columns=visible)
+    for col in df.columns:
+        if df[col].map(lambda v: isinstance(v, str)).any():
+            df[col] = df[col].map(lambda v: visible(v) if isinstance(v, str) else v)
+    # pandas escapes <, > and & in every cell and header (escape=True).
+    return df.to_html(index=False, escape=True, na_rep=na_rep, float_format=lambda v: f"{v:.4g}")
 
 
 def _safe_json(value: Any) -> str:
@@ -89,10 +126,39 @@ class View:
         return f"View({self.title!r}, {len(self.body)} chars)"
 
 
+# The string props circuitsvis (1.43) renders as text, read from its bundle: AttentionHeads'
+# head names are React children; AttentionHeads/AttentionPattern tokens are chart.js axis
+# labels and tooltips drawn on a canvas. Every other string prop is taken to be HTML:
+# ColoredTokens, ColoredTokensMulti, TopkTokens, TopkSamples, TextNeuronActivations and
+# TokenLogProbs write their tokens with dangerouslySetInnerHTML (ColoredTokens' tooltip
+# then shows the escaped form, e.g. ``&lt;``), and a prop not listed here is escaped too.
+CIRCUITSVIS_TEXT_PROPS: dict[str, frozenset[str]] = {
+    "AttentionHeads": frozenset({"tokens", "attentionHeadNames"}),
+    "AttentionPattern": frozenset({"tokens"}),
+}
+
+
+def _circuitsvis_strings(value: Any, as_text: bool) -> Any:
+    """Every string inside a prop value through :func:`visible` (text) or :func:`escape`."""
+    if isinstance(value, str):
+        return visible(value) if as_text else escape(value)
+    if isinstance(value, (list, tuple)):
+        return [_circuitsvis_strings(v, as_text) for v in value]
+    if isinstance(value, dict):
+        return {k: _circuitsvis_strings(v, as_text) for k, v in value.items()}
+    return value
+
+
 def circuitsvis_view(component: str, *, title: str | None = None, **props: Any) -> View:
-    """A circuitsvis component (``AttentionHeads``, ``ColoredTokens`` ...) rendered offline."""
+    """A circuitsvis component (``AttentionHeads``, ``ColoredTokens`` ...) rendered offline.
+
+    String props are escaped for HTML unless :data:`CIRCUITSVIS_TEXT_PROPS` lists them as
+    rendered as text (then only bidirectional controls are written out).
+    """
     from circuitsvis.utils.convert_props import convert_props
 
+    text_props = CIRCUITSVIS_TEXT_PROPS.get(component, frozenset())
+    props = {k: _circuitsvis_strings(v, k in text_props) for k, v in props.items()}
     div = "lensprobe-cv-" + uuid.uuid4().hex[:12]
     props_json = _safe_json(json.loads(convert_props(props)))
     body = (

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -32,12 +33,16 @@ import lensprobe as lp
 from lensprobe.tasks.priority import PriorityTask, priority_dataset
 
 ZOO = dict(n_tokens=8, d_model=8, seq_len=5, n_sequences=16, tie_size=2)
-TRAIN = dict(steps=4000, lr=0.5, schedule="cosine")
+# lr is the NGD step length on the paper's W (lp.train_priority). The shipped model was
+# trained when lr was the step on W_K = sqrt(d_model) W: 0.5 there is 0.5 / sqrt(8) on W,
+# and this value reproduces that run (and the card's paper checks) exactly.
+LR = 0.5 / math.sqrt(8)
+TRAIN = dict(steps=4000, lr=LR, schedule="cosine")
 CHECKS = {
     "acyclic": dict(n_tokens=8, d_model=8, seq_len=6, n_sequences=4, tie_size=1),
     "cyclic": dict(n_tokens=6, d_model=8, seq_len=4, n_sequences=6, tie_size=3),
 }
-CHECK_TRAIN = dict(steps=4000, lr=0.5, schedule="cosine")
+CHECK_TRAIN = dict(steps=4000, lr=LR, schedule="cosine")
 
 
 def run(cfg: dict, train: dict, seed: int) -> tuple:

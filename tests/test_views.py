@@ -35,7 +35,8 @@ def test_colored_tokens_page_is_offline_and_escaped(tmp_path):
     assert page.count("var CircuitsVis=") == 1
     assert _external_refs(page) == []
     assert not _executable_evil(page)
-    assert "\\u003cscript\\u003ealert(1)\\u003c/script\\u003e" in page  # kept as data
+    # ColoredTokens writes tokens with innerHTML: the prop holds the HTML-escaped token
+    assert "\\u0026lt;script\\u0026gt;alert(1)\\u0026lt;/script\\u0026gt;" in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # the title, escaped
 
 

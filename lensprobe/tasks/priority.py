@@ -150,8 +150,11 @@ class FixedData:
     """
 
     def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, vocab: Sequence[str] | None = None):
-        tokens, labels = torch.as_tensor(tokens).long(), torch.as_tensor(labels).long()
-        if tokens.ndim != 2 or labels.shape != (tokens.shape[0],):
+        from ..priority import _int_ids
+
+        tokens = _int_ids(tokens, "tokens", 2).long()
+        labels = _int_ids(labels, "labels", 1).long()
+        if labels.shape != (tokens.shape[0],):
             raise InputError(
                 f"expected tokens [n, T] and labels [n], got {tuple(tokens.shape)} and"
                 f" {tuple(labels.shape)}."
