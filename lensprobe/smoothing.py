@@ -30,7 +30,6 @@ This module reads that competition off a TransformerLens model:
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -39,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _tl
-from .core import capture_acts, guard
+from .core import capture_acts, copy_model, guard
 from .errors import InputError, ModelError
 from .inputs import check_finite, check_layers, check_pattern, to_tokens
 
@@ -971,7 +970,7 @@ def sign_controlled(
         except RuntimeError as e:
             raise InputError(f"psi must broadcast to [layers, heads, d_head] = {shape}: {e}") from e
     lam = s * psi_t**2
-    new = copy.deepcopy(model)
+    new = copy_model(model)
     dtype = next(new.parameters()).dtype
     with torch.no_grad():
         for i, l in enumerate(layer_ids):
@@ -1012,7 +1011,7 @@ def flip_ln_gamma(model: Any, *, layers: Sequence[int] | int | None = None) -> A
         )
     layer_ids = check_layers(model, layers)
     folded = _tl.is_folded(model)
-    new = copy.deepcopy(model)
+    new = copy_model(model)
     with torch.no_grad():
         for l in layer_ids:
             g = _norm_scale(new, l)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _tl
-from .core import guard
+from .core import copy_model, guard
 from .errors import InputError
 from .inputs import check_finite, model_device, to_tokens
 from .tasks.base import IGNORE, Batch, Task
@@ -192,7 +192,7 @@ class Checkpoint:
             return load_checkpoint(self.path)
         if template is None:
             raise InputError("an in-memory checkpoint needs a template model: ckpt.model(model).")
-        m = copy.deepcopy(template)
+        m = copy_model(template)
         self.load_into(m)
         m.eval()
         return m
