@@ -79,7 +79,7 @@ def _extractors():
         "block_jacobians": lambda m: lp.block_jacobians(m, TOKENS),
         "coupling": lambda m: lp.coupling(m, TOKENS, progress=False),
         "trajectory_metrics": lambda m: lp.trajectory_metrics(m, TOKENS),
-        "induction_scan": lambda m: report.induction_scan(m, n=4, batch=2),
+        "induction_heads": lambda m: lp.induction_heads(m, half=4, batch=2),
     }
 
 
