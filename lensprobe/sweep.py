@@ -668,14 +668,16 @@ def to_dataframe(rows: Iterable[dict]) -> Any:
 
 # =========================================================================== the paper's demo
 def heldout_passages() -> list[str]:
-    """Passages of The Tempest and Macbeth, the plays the Shakespeare zoo model never saw
-    (``lensprobe/zoo/results/heldout_passages.json``, written by
-    ``scripts/make_heldout_passages.py`` from the training script's corpus reader)."""
-    path = Path(__file__).resolve().parent / "zoo" / "results" / "heldout_passages.json"
+    """Passages of The Tempest and Macbeth, the plays the Shakespeare zoo model never saw:
+    the texts of ``lensprobe/zoo/results/shakespeare_prompts.json`` (16 windows of 512
+    tokens, written by ``scripts/shakespeare_findings.py prompts`` from the training
+    script's corpus reader)."""
+    path = Path(__file__).resolve().parent / "zoo" / "results" / "shakespeare_prompts.json"
     body = json.loads(path.read_text())
-    texts = [p["text"] for p in body.get("passages", []) if isinstance(p, dict)]
+    texts = [p.get("text") for p in body.get("passages", []) if isinstance(p, dict)]
     if not texts or not all(isinstance(t, str) and t for t in texts):
-        raise InputError(f"{path}: no passages; regenerate it with scripts/make_heldout_passages.py.")
+        raise InputError(f"{path}: no passages; regenerate it with"
+                         " scripts/shakespeare_findings.py prompts.")
     return texts
 
 
