@@ -35,8 +35,8 @@ from .coupling import (
 
 # 4. stacked attention heads and the retrieval problem (Musat 2025)
 from .stacking import (
-    DepthStudy, Emergence, StackedHeads, depth_study, emergence, hop_scores, query_accuracy,
-    stacked_heads,
+    DepthStudy, Emergence, StackedHeads, depth_study, emergence, hop_scores, load_depth_study,
+    query_accuracy, stacked_heads,
 )
 
 # 5. hard retrieval over the token-priority graph (Li et al. 2024)
