@@ -932,7 +932,13 @@ class DepthStudy:
     seconds: torch.Tensor | None = None
 
     def mean(self) -> torch.Tensor:
-        return self.accuracy.mean(dim=1)
+        """[n_layer_values, n_hops] mean over the seeds measured (NaN cells: not measured)."""
+        return self.accuracy.nanmean(dim=1)
+
+    @property
+    def complete(self) -> bool:
+        """True when every (layers, seed, hops) cell was measured."""
+        return not bool(torch.isnan(self.accuracy).any())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly data (rounded to 4 digits); :meth:`from_dict` reads it back."""
@@ -940,7 +946,7 @@ class DepthStudy:
             return None if t is None else _rounded(t.tolist(), digits)
 
         return dict(layers=self.layers, seeds=self.seeds, hops=self.hops, config=self.config,
-                    accuracy=r(self.accuracy), chance=r(self.chance),
+                    complete=self.complete, accuracy=r(self.accuracy), chance=r(self.chance),
                     steps_done=r(self.steps_done, 0), seconds=r(self.seconds, 1),
                     mean=r(self.mean()))
 
@@ -950,9 +956,9 @@ class DepthStudy:
             layers = [int(v) for v in data["layers"]]
             seeds = [int(v) for v in data["seeds"]]
             hops = [int(v) for v in data["hops"]]
-            acc = torch.tensor(data["accuracy"], dtype=torch.float64)
-            opt = {k: torch.tensor(data[k], dtype=torch.float64) if data.get(k) is not None else None
-                   for k in ("chance", "steps_done", "seconds")}
+            acc = torch.tensor(_unrounded(data["accuracy"]), dtype=torch.float64)
+            opt = {k: torch.tensor(_unrounded(data[k]), dtype=torch.float64)
+                   if data.get(k) is not None else None for k in ("chance", "steps_done", "seconds")}
             config = dict(data.get("config", {}))
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"not a depth-study record ({e}); write one with DepthStudy.to_dict().") from e
@@ -990,7 +996,7 @@ class DepthStudy:
         ax.set_yticks(range(len(self.layers)), [str(l) for l in self.layers])
         ax.set_xlabel("hops D (query)")
         ax.set_ylabel("layers t")
-        ch = None if self.chance is None else self.chance.mean(dim=1).numpy()
+        ch = None if self.chance is None else self.chance.nanmean(dim=1).numpy()
         for a in range(len(self.layers)):
             for c in range(len(self.hops)):
                 label = f"{m[a, c]:.2f}" + ("" if ch is None else f"\n({ch[a, c]:.2f})")
@@ -1013,7 +1019,14 @@ class DepthStudy:
 
 
 def _rounded(x: Any, digits: int) -> Any:
-    return [_rounded(v, digits) for v in x] if isinstance(x, list) else round(float(x), digits)
+    """Nested lists rounded; NaN (a cell not measured) becomes None (JSON null)."""
+    if isinstance(x, list):
+        return [_rounded(v, digits) for v in x]
+    return None if math.isnan(float(x)) else round(float(x), digits)
+
+
+def _unrounded(x: Any) -> Any:
+    return [_unrounded(v) for v in x] if isinstance(x, list) else (math.nan if x is None else float(x))
 
 
 def load_depth_study(path: Any = None) -> DepthStudy:

@@ -107,6 +107,28 @@ def run(name: str, cfg: dict, seed: int = 0, save: str | None = None) -> dict:
     return out
 
 
+def summarize(runs_path: str, out: str, notes: list[dict]) -> None:
+    """The record of every configuration tried (lensprobe/zoo/results/logdepth_search.json):
+    per run its configuration, steps, seconds, query accuracy and literal-guess chance per
+    D and the stack; ``notes`` adds runs that ended without a record (stopped by hand)."""
+    runs = [json.loads(line) for line in Path(runs_path).read_text().splitlines() if line.strip()]
+    keep = ("name", "seed", "task", "seq_len", "model", "train", "step_cap", "seconds_cap", "steps",
+            "seconds", "wall_seconds", "query_accuracy", "literal_guess", "stack", "increasing",
+            "emergence")
+    rnd = lambda d: {k: round(v, 4) for k, v in d.items()}  # noqa: E731
+    rows = []
+    for r in runs:
+        row = {k: r[k] for k in keep if k in r}
+        row["query_accuracy"], row["literal_guess"] = rnd(r["query_accuracy"]), rnd(r["literal_guess"])
+        row["stack"] = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
+                        for s in r["stack"]]
+        row["status"] = "finished"
+        rows.append(row)
+    rows += notes
+    Path(out).write_text(json.dumps({"script": "scripts/logdepth_experiments.py", "runs": rows},
+                                    indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="", help="comma-separated config names (see --list)")

@@ -398,11 +398,19 @@ def test_shipped_depth_study_record():
     res = lp.load_depth_study()
     assert res.layers == [1, 2, 3, 4] and res.hops == list(range(1, 9)) and len(res.seeds) >= 2
     assert res.accuracy.shape == (4, len(res.seeds), 8) and res.chance.shape == res.accuracy.shape
-    assert ((res.accuracy >= 0) & (res.accuracy <= 1)).all()
-    assert (res.steps_done >= 1).all() and (res.steps_done <= res.config["steps"]).all()
+    measured = ~torch.isnan(res.accuracy)
+    assert res.complete == bool(measured.all())
+    assert measured[:, 0].all()  # at least the first seed over every layer count
+    # a run is measured for every D or for none
+    assert (measured.all(-1) | ~measured.any(-1)).all()
+    acc = res.accuracy[measured]
+    assert ((acc >= 0) & (acc <= 1)).all() and ((res.chance[measured] > 0) & (res.chance[measured] <= 1)).all()
+    done = res.steps_done[measured.all(-1)]
+    assert (done >= 1).all() and (done <= res.config["steps"]).all()
+    assert torch.allclose(res.mean(), res.accuracy.nanmean(1), equal_nan=True)
     # the record round-trips and malformed records are refused
     again = stacking.DepthStudy.from_dict(res.to_dict())
-    assert torch.allclose(again.accuracy, res.accuracy)
+    assert torch.allclose(again.accuracy, res.accuracy, equal_nan=True)
     bad = res.to_dict()
     bad["accuracy"] = bad["accuracy"][:2]
     with pytest.raises(lp.InputError, match="shape"):
