@@ -41,7 +41,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                  "coupling_through_training", "trajectory_metrics"),
     # 4. stacked attention heads and the retrieval problem (Musat 2025)
     "stacking": ("DepthStudy", "Emergence", "StackedHeads", "depth_study", "emergence",
-                 "hop_scores", "query_accuracy", "stacked_heads"),
+                 "hop_scores", "load_depth_study", "query_accuracy", "stacked_heads"),
     # 5. hard retrieval over the token-priority graph (Li et al. 2024)
     "priority": ("AlignmentCurve", "GraphSVM", "InfeasibleError", "PriorityAlignment",
                  "Retrieval", "TokenPriorityGraph", "alignment_curve", "graph_svm", "head_W",
@@ -123,7 +123,7 @@ if TYPE_CHECKING:  # pragma: no cover  (re-exports for type checkers and IDEs)
     )
     from .stacking import (
         DepthStudy, Emergence, StackedHeads, depth_study, emergence, hop_scores,
-        query_accuracy, stacked_heads,
+        load_depth_study, query_accuracy, stacked_heads,
     )
     from .induction import InductionEmergence, InductionHeads, induction_emergence, induction_heads
     from .sweep import sweep

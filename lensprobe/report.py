@@ -358,24 +358,46 @@ def _stacking(ctx: Context) -> Section:
     batch = ctx.task.sample(128, torch.Generator().manual_seed(1))
     stack = stacked_heads(ctx.model, batch)
     acc = query_accuracy(ctx.model, batch)
-    names = ", ".join(f"{s['name']} (hop {s['hop']})" for s in stack.stack) or "none"
+    names = ", ".join(f"{s['name']} (hop {s['hop']}, +{s['over_baseline']:.2f} over"
+                      f" {s['baseline_name']})" for s in stack.stack) or "none"
+    from .stacking import load_depth_study
+
+    try:
+        depth = load_depth_study()
+    except InputError:  # a source checkout without the shipped record
+        depth = None
+    df = stack.to_dataframe()
     return Section(
         "stacking", "Stacked attention heads on the retrieval task",
         text=(
-            "Attention mass each head puts on the ground-truth k-hop referents (Musat), the"
-            f" detected stack ({names}), the stack's attention on one example, and the"
-            " retrieval chain it follows. Query accuracy per number of hops: "
+            "Attention mass each head puts on the ground-truth k-hop referents (Musat), set"
+            " against baselines a head scores without following the chain (previous token,"
+            " same token, BOS, self, and the chance level of an average statement, of any"
+            " literal, of a statement that mentions the referent's variable). The stack holds"
+            f" every head whose score beats its best baseline: {names}; largest hop per"
+            f" stack layer {stack.hop_profile} (rising with layer: {stack.increasing})."
+            " Then the stack's attention on one example and the retrieval chain, with the"
+            " resolved segment each stacked head reads for the query. Query accuracy per"
+            " number of hops: "
             + ", ".join(f"{d}: {100 * a:.0f}%" for d, a in sorted(acc.items()))
             + ". Ablating a stack head should hurt queries needing at least its hop count"
             " more than shorter ones (table)."
+            + ("" if depth is None else
+               " Last, the shipped depth study: query accuracy per (layers, hops) after at"
+               f" most {depth.config.get('steps')} training steps per model over seeds"
+               f" {depth.seeds} (literal-guess chance in brackets), with the bound"
+               " D <= 3^t/2 and the doubling line 2^t.")
         ),
         parts=[_fig(stack.plot(), "hop scores"), stack.attention_view(), stack.chain_view(),
-               _table(stack.to_dataframe()[[c for c in stack.to_dataframe().columns
-                                            if c in ("name", "best_hop", "best_score",
-                                                     "specialist", "in_stack")]])],
+               _table(df[[c for c in df.columns
+                          if c in ("name", "best_hop", "best_score", "best_over",
+                                   "specialist", "in_stack")]])]
+        + ([] if depth is None else [_fig(depth.plot(), "depth study")]),
         headline={"stack": [dict(s) for s in stack.stack], "increasing": stack.increasing,
+                  "hop_profile": stack.hop_profile,
                   "query_accuracy": {str(k): v for k, v in acc.items()},
-                  "ablation_check": stack.ablation_check()},
+                  "ablation_check": stack.ablation_check(),
+                  "depth_study_mean": None if depth is None else depth.to_dict()["mean"]},
     )
 
 

@@ -57,16 +57,24 @@ def brute_force(words: list[str], n_values: int, sep: str | None, assign: str | 
         dict(hops={2: 0.3, 5: 0.7}, n_statements=9, assign=None, bos=False),
         dict(hops=3, n_statements=7, order="shuffled"),
         dict(hops=[1, 4], n_statements=6, supervision="final"),
+        # distractor chains longer than the main chain (issue 13: used to raise IndexError)
+        dict(hops=[1], distractor_hops=4),
+        dict(hops=[2], n_statements=7, distractor_hops=6, separator=None),
     ],
 )
 def test_ground_truth_matches_brute_force(opts):
     task = RetrievalTask(**opts)
     batch = task.sample(40, torch.Generator().manual_seed(3))
-    K = task.max_hops
+    # a chain of n statements: its last rhs needs n - 1 hops, the query D
+    K = max(task.max_hops, task.distractor_hops - 1)
+    assert batch.info["ref_pos"].shape == (40, task.seq_len, K)
+    lo, hi = batch.info["literals"]
+    assert [task.vocab[i] for i in range(lo, hi)] == [str(v) for v in range(task.n_values)]
     assert batch.tokens.shape == (40, task.seq_len)
     for b in range(40):
         words = task.str_tokens(batch.tokens[b])
         truth, var_values, rhs_off = brute_force(words, task.n_values, task.separator, task.assign)
+        assert sorted(p - rhs_off for p in truth if p != task.seq_len - 1) == batch.info["stmt_lhs"].tolist()
         supervised = set()
         for pos in range(task.seq_len):
             refs_rhs = batch.info["ref_pos"][b, pos].tolist()
@@ -174,3 +182,11 @@ def test_depth_bound_and_doubling():
     for D in range(1, 60):
         assert depth_bound(D) == max(1, math.ceil(math.log(2 * D, 3) - 1e-12))
     assert [doubling_hops(L) for L in (1, 2, 3, 4)] == [1, 2, 4, 8]
+
+
+def test_distractor_chains_longer_than_the_query_chain():
+    """Issue 13: reference arrays were sized by the largest D, so a distractor chain's
+    deeper right-hand sides raised IndexError."""
+    batch = RetrievalTask(hops=[1], distractor_hops=4).sample(64)
+    assert batch.info["main_hops"].max() == 1
+    assert int(batch.info["hops"].max()) == 3  # some distractor's last rhs needs 3 hops

@@ -132,8 +132,10 @@ def test_stacked_heads_ablation_and_model_untouched(task, batch, mode, fingerpri
     # detection logic: each layer's best specialist, by the definition
     for s in res.stack:
         l, h = s["layer"], s["head"]
-        assert s["hop"] == int(res.scores[l, h].argmax()) + 1
-        assert all(res.best_score[l, hh] <= s["score"] for hh in range(2) if res.specialist[l, hh])
+        assert s["hop"] == int(res.over_baseline[l, h].argmax()) + 1
+        assert s["score"] == pytest.approx(float(res.scores[l, h, s["hop"] - 1]))
+    assert {(s["layer"], s["head"]) for s in res.stack} == {
+        (l, h) for l in range(2) for h in range(2) if res.specialist[l, h]}
     df = res.to_dataframe()
     assert len(df) == 4 and {"hop_1", "previous", "in_stack"} <= set(df.columns)
     import matplotlib.pyplot as plt
@@ -264,12 +266,189 @@ def test_shipped_model_has_an_increasing_stack_that_ablation_confirms(fingerprin
     res = stacking.stacked_heads(model, batch, ablation="mean")
     assert fingerprint(model) == fp
     layers = [s["layer"] for s in res.stack]
-    assert len(res.stack) >= 2 and layers == sorted(set(layers))
-    # the depth from which each stack head is needed rises with its layer ...
-    resolves = [s["resolves"] for s in res.stack]
-    assert res.functional_order and resolves == sorted(resolves), resolves
+    assert len(set(layers)) >= 2 and layers == sorted(layers)
+    # the depth from which each stack layer is needed (its heads' smallest) rises with it ...
+    first_needed = {}
+    for s in res.stack:
+        if s["resolves"] is not None:
+            first_needed[s["layer"]] = min(first_needed.get(s["layer"], 99), s["resolves"])
+    r = [first_needed[l] for l in sorted(set(layers))]
+    assert res.functional_order and r == sorted(r) and r[0] < r[-1], r
+    # L2H0 puts most of its query attention on literals in general, not on the right one:
+    # it is no D-hop head (issue 13)
+    assert float(res.baselines["any_literal"][2, 0]) > 0.5
+    assert "L2H0" not in {s["name"] for s in res.stack}
+    for s in res.stack:
+        assert s["over_baseline"] >= 0.1 and s["score"] >= 0.3
     # ... and ablating a head hurts depths at or above its hop more than those below
     checks = res.ablation_check()
     assert set(checks) == {s["name"] for s in res.stack}
     for name, c in checks.items():
         assert c["drop_at_or_above"] > c["drop_below"], (name, c)
+
+
+# --------------------------------------------------------------------------- baselines
+def _hand_made_patterns(batch, task):
+    """[L=1, B, H=4, T, T]: h0 reads the 1-hop referent, h1 spreads over every visible
+    literal, h2 reads the chain's literal (the hops(i)-hop referent), h3 is uniform."""
+    B, T = batch.tokens.shape
+    lo, hi = batch.info["literals"]
+    P = torch.zeros(1, B, 4, T, T, dtype=torch.float64)
+    for b in range(B):
+        for i in range(T):
+            n = int(batch.info["hops"][b, i])
+            rp = batch.info["ref_pos"][b, i]
+            if n >= 1:
+                P[0, b, 0, i, int(rp[0])] = 1.0
+                P[0, b, 2, i, int(rp[n - 1])] = 1.0
+            else:
+                P[0, b, 0, i, i] = P[0, b, 2, i, i] = 1.0
+            lits = [j for j in range(i + 1) if lo <= int(batch.tokens[b, j]) < hi]
+            for j in lits or [i]:
+                P[0, b, 1, i, j] = 1.0 / len(lits or [i])
+            P[0, b, 3, i, : i + 1] = 1.0 / (i + 1)
+    return P
+
+
+def _brute_hop_baselines(P, batch, task, target="rhs"):
+    """Loops over positions and statements, written from HopScores' definitions."""
+    _, B, H, T, _ = P.shape
+    K = batch.info["ref_pos"].shape[-1]
+    lo, hi = batch.info["literals"]
+    first = 1 if task.bos else 0
+    stmts = [first + s * task.stmt_len for s in range(task.n_statements)]
+
+    def region(l0):
+        if target == "rhs":
+            return [l0 + task.rhs_offset]
+        return list(range(l0, l0 + task.stmt_len))
+
+    scores = torch.zeros(H, K, dtype=torch.float64)
+    cat = {n: torch.zeros(H, K, dtype=torch.float64) for n in ("any_statement", "same_kind", "same_variable")}
+    for h in range(H):
+        for k in range(1, K + 1):
+            tot, n_pos = 0.0, 0
+            c_tot = {n: 0.0 for n in cat}
+            for b in range(B):
+                tok = [int(t) for t in batch.tokens[b]]
+                for i in range(T):
+                    if batch.info["hops"][b, i] < k:
+                        continue
+                    A = P[0, b, h, i]
+                    r = int(batch.info["ref_lhs"][b, i, k - 1])
+                    tot += float(sum(A[j] for j in region(r)))
+                    vis = [s for s in stmts if max(region(s)) <= i]
+                    is_lit = lambda s: lo <= tok[s + task.rhs_offset] < hi  # noqa: E731
+                    v = tok[r]
+                    members = {
+                        "any_statement": vis,
+                        "same_kind": [s for s in vis if is_lit(s) == is_lit(r)],
+                        "same_variable": [s for s in vis if tok[s] == v or tok[s + task.rhs_offset] == v],
+                    }
+                    if k == 1:
+                        del members["same_variable"]  # defined for k >= 2 only
+                    for name, ms in members.items():
+                        assert r in ms  # every category holds the referent
+                        c_tot[name] += sum(float(sum(A[j] for j in region(s))) for s in ms) / len(ms)
+                    n_pos += 1
+            if n_pos:
+                scores[h, k - 1] = tot / n_pos
+                for name in cat:
+                    cat[name][h, k - 1] = c_tot[name] / n_pos
+    return scores, cat
+
+
+@pytest.mark.parametrize("target", ["rhs", "statement"])
+def test_hop_baselines_match_loops_and_a_literal_head_is_no_hop_head(target):
+    task = RetrievalTask(hops=[2, 3], n_statements=6, n_vars=8, n_values=4)
+    batch = task.sample(5, torch.Generator().manual_seed(3))
+    P = _hand_made_patterns(batch, task)
+    hs = stacking._hop_scores_from_patterns(P, batch, target)
+    scores, cat = _brute_hop_baselines(P, batch, task, target)
+    assert torch.allclose(hs.scores[0], scores, atol=1e-12)
+    for name in cat:
+        assert torch.allclose(hs.hop_baselines[name][0], cat[name], atol=1e-12), name
+    # the literal head: its total literal mass is 1 wherever a literal is visible ...
+    assert hs.baselines["any_literal"][0, 1] > 0.9
+    stack, specialist, best_hop, best_score, best_over = stacking._stack_from_scores(hs, 0.3, 0.1)
+    # ... yet its D-hop score equals the any-literal chance level: no specialist
+    if target == "rhs":
+        D = 3
+        assert hs.scores[0, 1, D - 1] == pytest.approx(float(hs.hop_baselines["same_kind"][0, 1, D - 1]))
+    assert not bool(specialist[0, 1]) and not bool(specialist[0, 3])
+    assert hs.over_baseline[0, 1].max() < 0.1 and hs.over_baseline[0, 3].max() < 0.1
+    # the 1-hop head is a 1-hop specialist, scoring 1 on its referent
+    assert bool(specialist[0, 0]) and int(best_hop[0, 0]) == 1 and float(best_score[0, 0]) == pytest.approx(1.0)
+    assert [s["name"] for s in stack] == [n for n in ("L0H0", "L0H2") if n in {s["name"] for s in stack}]
+    assert all(s["over_baseline"] == pytest.approx(s["score"] - s["baseline"]) for s in stack)
+
+
+def test_stack_holds_every_specialist_of_a_layer():
+    task = RetrievalTask(hops=[2, 3], n_statements=6, n_vars=8, n_values=4)
+    batch = task.sample(5, torch.Generator().manual_seed(3))
+    P = _hand_made_patterns(batch, task)
+    P = torch.cat([P, P[:, :, [0]]], dim=2)  # a second 1-hop head in the same layer
+    hs = stacking._hop_scores_from_patterns(P, batch, "rhs")
+    stack, *_ = stacking._stack_from_scores(hs, 0.3, 0.1)
+    names = [s["name"] for s in stack]
+    assert "L0H0" in names and "L0H4" in names
+
+
+def test_shipped_depth_study_record():
+    res = lp.load_depth_study()
+    assert res.layers == [1, 2, 3, 4] and res.hops == list(range(1, 9)) and len(res.seeds) >= 2
+    assert res.accuracy.shape == (4, len(res.seeds), 8) and res.chance.shape == res.accuracy.shape
+    measured = ~torch.isnan(res.accuracy)
+    assert res.complete == bool(measured.all())
+    assert measured[:, 0].all()  # at least the first seed over every layer count
+    # a run is measured for every D or for none
+    assert (measured.all(-1) | ~measured.any(-1)).all()
+    acc = res.accuracy[measured]
+    assert ((acc >= 0) & (acc <= 1)).all() and ((res.chance[measured] > 0) & (res.chance[measured] <= 1)).all()
+    done = res.steps_done[measured.all(-1)]
+    assert (done >= 1).all() and (done <= res.config["steps"]).all()
+    assert torch.allclose(res.mean(), res.accuracy.nanmean(1), equal_nan=True)
+    # the record round-trips and malformed records are refused
+    again = stacking.DepthStudy.from_dict(res.to_dict())
+    assert torch.allclose(again.accuracy, res.accuracy, equal_nan=True)
+    bad = res.to_dict()
+    bad["accuracy"] = bad["accuracy"][:2]
+    with pytest.raises(lp.InputError, match="shape"):
+        stacking.DepthStudy.from_dict(bad)
+    with pytest.raises(lp.InputError, match="depth-study record"):
+        stacking.DepthStudy.from_dict({"layers": [1]})
+
+
+def test_depth_study_plot_draws_the_bound_and_the_doubling_line():
+    import matplotlib.pyplot as plt
+
+    acc = torch.rand(4, 2, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = stacking.DepthStudy(acc, [1, 2, 3, 4], [0, 1], list(range(1, 9)), {})
+    fig = res.plot()
+    lines = {ln.get_label(): ln.get_xdata() for ln in fig.axes[0].get_lines()}
+    # t layers: the bound reaches D = floor(3^t / 2) = 1, 4, 13, 40; doubling 2^t = 2, 4, 8, 16
+    # (the boundary sits after the last such D among hops 1..8, at index + 0.5)
+    assert list(lines["bound: D <= 3^t/2"]) == [0.5, 0.5, 3.5, 3.5, 7.5, 7.5, 7.5, 7.5]
+    assert list(lines["doubling: D <= 2^t"]) == [1.5, 1.5, 3.5, 3.5, 7.5, 7.5, 7.5, 7.5]
+    plt.close(fig)
+
+
+def test_query_reads_the_segment_each_stack_head_stands_for(task, batch):
+    model = model_for(task, seed=6)
+    res = stacking.stacked_heads(model, batch, threshold=0.0, min_over=-1.0, ablation=None, example=2)
+    assert len(res.stack) == 4  # every head, by the thresholds
+    pats = plain_patterns(model, batch.tokens)
+    q = int(batch.info["query_pos"])
+    reads = stacking.query_reads(res)
+    words = task.str_tokens(batch.tokens[2])
+    for s, r in zip(res.stack, reads):
+        row = pats[s["layer"]][2, s["head"], q]
+        j = int(row.argmax())
+        assert r["pos"] == j and r["weight"] == pytest.approx(float(row.max()))
+        assert r["token"] == words[j]
+        chain = [int(p) for p in batch.info["ref_pos"][2, q] if p >= 0]
+        assert r["referent"] == (chain.index(j) + 1 if j in chain else None)
+        n = int(batch.info["hops"][2, j])
+        assert r["segment"] == [j] + [int(p) for p in batch.info["ref_pos"][2, j, :max(n, 0)]]
+    html = res.chain_view().to_html()
+    assert "resolved segment it stands for" in html and html.count("<rect") >= len(reads)

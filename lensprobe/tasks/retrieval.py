@@ -19,7 +19,11 @@ a depth-``D`` variable needs ``D``. The *k-hop referent* of a position is the st
 reached after following ``k`` definitions: for the right-hand side ``y`` of ``x = y`` the
 1-hop referent is the statement defining ``y``; for the query ``? x`` it is the statement
 defining ``x``. ``info['ref_pos'][b, i, k-1]`` is the position of the k-hop referent's
-right-hand side (``info['ref_lhs']`` its left-hand side), -1 where undefined.
+right-hand side (``info['ref_lhs']`` its left-hand side), -1 where undefined; its last
+axis has ``max(max D, distractor_hops - 1)`` entries (a distractor chain's last
+right-hand side needs ``distractor_hops - 1`` hops). ``info['stmt_lhs']`` holds the
+left-hand-side position of every statement, ``info['literals']`` the (lo, hi) range of
+the literal-value token ids.
 
 Supervision (targets read at each position's logits):
 * ``'curriculum'`` (the paper's implicit curriculum): every statement's right-hand-side
@@ -156,7 +160,9 @@ class RetrievalTask:
             raise InputError(f"batch_size must be >= 1, got {batch_size}.")
         g = generator if generator is not None else torch.Generator().manual_seed(0)
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=g)))
-        B, T, S, K = batch_size, self.seq_len, self.n_statements, self.max_hops
+        B, T, S = batch_size, self.seq_len, self.n_statements
+        # the deepest referent: the query's D hops, or a distractor's rhs (its depth - 1)
+        K = max(self.max_hops, int(self.distractor_hops) - 1)
         tokens = np.zeros((B, T), dtype=np.int64)
         targets = np.full((B, T), IGNORE, dtype=np.int64)
         difficulty = np.full((B, T), -1, dtype=np.int64)
@@ -180,6 +186,8 @@ class RetrievalTask:
             "query_pos": T - 1,
             "stmt_len": self.stmt_len,
             "rhs_offset": self.rhs_offset,
+            "stmt_lhs": torch.arange(S) * self.stmt_len + self.first_stmt,
+            "literals": (self.value_offset, self.value_offset + self.n_values),
         }
         return Batch(t(tokens), t(targets), t(difficulty), info)
 
@@ -221,7 +229,6 @@ class RetrievalTask:
             tokens[0] = self._tok["<bos>"]
             pos = 1
         where: dict[int, int] = {}  # variable -> lhs position of its statement
-        seen_depth: dict[int, int] = {}  # variable -> depth, once its whole chain precedes
         for c, j in stmts:
             var, (kind, x) = chains[c][j]
             where[var] = pos

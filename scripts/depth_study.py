@@ -1,0 +1,109 @@
+"""Re-run the shipped depth study: lensprobe/zoo/results/depth_study.json.
+
+``lp.depth_study`` over layers 1-4 and chains of 1-8 hops (one task with D uniform in
+1..8, 10 statements, compact statements "A B" for A := B), seeds 0 and 1, the implicit
+curriculum at batch 128, lr 3e-3 (100 warm-up steps), at most ``--steps`` steps per run
+(a run stops early once every difficulty reaches 98% on its held-out batch). Query
+accuracy per D on 2048 fresh sequences per seed, beside the literal-guess chance level.
+
+    python scripts/depth_study.py                       # writes the shipped JSON
+    python scripts/depth_study.py --steps 200 --out /tmp/ds.json --plot /tmp/ds.png
+
+The shipped record was trained on a shared 2-core CPU with one thread per run; its
+step budget (``config.steps``) is a small fraction of the paper's ~24k steps, so read
+it as "what this budget learns", not as the depth the architecture can reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import lensprobe as lp
+from lensprobe.tasks.retrieval import RetrievalTask
+
+TASK = dict(hops=list(range(1, 9)), n_statements=10, n_vars=14, n_values=10,
+            assign=None, separator=None)
+MODEL = dict(n_heads=4, d_model=64, attn_only=True, positional="rotary")
+TRAIN = dict(lr=3e-3, warmup=100, batch_size=128, weight_decay=0.01, eval_every=100,
+             eval_batch_size=256)
+OUT = Path(lp.__file__).parent / "zoo" / "results" / lp.stacking.DEPTH_STUDY_JSON
+
+
+class SharedBatches:
+    """The task, with each training batch sampled once and reused by every run of the
+    same seed (lp.train draws batch s of seed r from a fresh generator seeded
+    r * 1_000_003 + s, so the key is the generator's seed): the runs of one seed see
+    exactly the batches they would see alone, and the sampler (about half of a step's
+    CPU time for these small models) runs once instead of once per layer count."""
+
+    def __init__(self, task: RetrievalTask, train_batch_size: int):
+        self.task = task
+        self.train_batch_size = train_batch_size
+        self.cache: dict[tuple[int, int], lp.tasks.Batch] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def sample(self, batch_size, generator=None):
+        if generator is None or batch_size != self.train_batch_size:
+            return self.task.sample(batch_size, generator)
+        key = (batch_size, generator.initial_seed())
+        if key not in self.cache:
+            b = self.task.sample(batch_size, generator)
+            # training reads tokens, targets and difficulty only; keep memory small
+            self.cache[key] = lp.tasks.Batch(b.tokens, b.targets, b.difficulty, {})
+        return self.cache[key]
+
+
+def solved(step, model, rec) -> bool:
+    """Stop a run once every difficulty is answered with >= 98% accuracy."""
+    accs = [v for k, v in rec.items() if k.startswith("acc_")]
+    print(step, f"{rec['seconds']:.0f}s", " ".join(f"{v:.2f}" for v in accs), flush=True)
+    return min(accs) >= 0.98
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--layers", default="1,2,3,4")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--plot", default=None, help="also save the figure here (PNG)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    task = RetrievalTask(**TASK)
+    layers = [int(v) for v in args.layers.split(",")]
+    seeds = [int(v) for v in args.seeds.split(",")]
+    # one lp.depth_study call per (seed, layers) cell, seed-major, the record rewritten
+    # after each cell (missing cells NaN) so an interrupted study keeps what it measured
+    nan = float("nan")
+    acc = torch.full((len(layers), len(seeds), len(task.difficulties) - 1), nan, dtype=torch.float64)
+    chance, done, secs = acc.clone(), acc[..., 0].clone(), acc[..., 0].clone()
+    for b, seed in enumerate(seeds):
+        shared = SharedBatches(task, TRAIN["batch_size"])
+        for a, L in enumerate(layers):
+            cell = lp.depth_study(shared, layers=[L], seeds=[seed], steps=args.steps,
+                                  model_kwargs=MODEL, train_kwargs=dict(TRAIN, callbacks=[solved]),
+                                  eval_batch_size=2048, progress=False)
+            acc[a, b], chance[a, b] = cell.accuracy[0, 0], cell.chance[0, 0]
+            done[a, b], secs[a, b] = cell.steps_done[0, 0], cell.seconds[0, 0]
+            res = lp.DepthStudy(acc, layers, seeds, cell.hops, cell.config, chance, done, secs)
+            data = res.to_dict()
+            data["script"] = "scripts/depth_study.py"
+            data["backend"] = f"{lp.BACKEND} (transformer-lens {lp.TL_VERSION})"
+            data["threads"] = args.threads
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(data, separators=(",", ":")) + "\n")
+            print("cell", L, seed, json.dumps(data["accuracy"][a][b]), flush=True)
+    if args.plot:
+        res.plot().savefig(args.plot, dpi=90)
+    print(json.dumps(data["mean"]))
+
+
+if __name__ == "__main__":
+    main()

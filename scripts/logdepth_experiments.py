@@ -1,0 +1,158 @@
+"""The log-depth experiments of issue 13: retrieval models with fewer layers than hops.
+
+Musat (ICLR 2025) proves that t layers can resolve chains of up to ~3^t / 2 hops
+(t >= log_3(2D)) and reports learned solutions that roughly double the resolved segment
+per layer. This script trains attention-only models on chains longer than their depth
+with the implicit curriculum (every statement's right-hand side supervised with its
+resolved value, plus the query), batch 128, and records every configuration it tries:
+
+    python scripts/logdepth_experiments.py --list
+    python scripts/logdepth_experiments.py --run A1,B1 --out logs/search.jsonl
+    python scripts/logdepth_experiments.py --run A1 --save logs/ckpt   # keep the weights
+
+Each run stops at its step cap, at its wall-clock cap, or once every difficulty is
+answered with >= 98% accuracy on the held-out batch (512 sequences). It then reports
+the query accuracy per main-chain length D on a fresh batch of 2048 sequences (seed
+123456), the literal-guess chance level per D (the accuracy of answering with a random
+literal present in the sequence) and the stack found by ``lp.stacked_heads``. A run
+with ``emergence`` keeps checkpoints and reports ``lp.emergence`` on them.
+
+The step budgets here are far below the paper's ~24k steps: the runs shared two CPU
+cores with other jobs (one thread each); every record carries its steps and seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import lensprobe as lp
+from lensprobe.tasks.retrieval import RetrievalTask
+
+# Compact statements "A B" (A := B; no '=' and no separator): shorter sequences, so
+# more steps per CPU second. Binding the right-hand side to its variable is a read of
+# the previous token either way.
+COMPACT = dict(assign=None, separator=None)
+
+CONFIGS: dict[str, dict] = {
+    # 2 layers on 1-4 hops: the bound itself (log_3(2*4) = 1.89)
+    "A1": dict(task=dict(hops=[1, 2, 3, 4], n_statements=6, n_vars=12, n_values=10, **COMPACT),
+               model=dict(n_layers=2, n_heads=4, d_model=64),
+               train=dict(lr=3e-3, warmup=100), steps=2500, seconds=260),
+    "A2": dict(task=dict(hops=[1, 2, 3, 4], n_statements=6, n_vars=12, n_values=10, **COMPACT),
+               model=dict(n_layers=2, n_heads=8, d_model=128),
+               train=dict(lr=1e-3, warmup=300), steps=2500, seconds=260),
+    "A3": dict(task=dict(hops=[1, 2, 3, 4], n_statements=6, n_vars=12, n_values=10,
+                         distractor_hops=1, **COMPACT),
+               model=dict(n_layers=2, n_heads=4, d_model=64),
+               train=dict(lr=3e-3, warmup=100), steps=2500, seconds=260),
+    # 3 layers on 1-8 hops (log_3(2*8) = 2.52); 10 statements so that an 8-hop chain
+    # has distractors (with 8 statements its literal is the only one in the sequence)
+    "B1": dict(task=dict(hops=list(range(1, 9)), n_statements=10, n_vars=14, n_values=10, **COMPACT),
+               model=dict(n_layers=3, n_heads=4, d_model=64),
+               train=dict(lr=3e-3, warmup=100), steps=5000, seconds=620, emergence=True),
+    "B2": dict(task=dict(hops=list(range(1, 9)), n_statements=10, n_vars=14, n_values=10, **COMPACT),
+               model=dict(n_layers=3, n_heads=8, d_model=128),
+               train=dict(lr=1e-3, warmup=500), steps=5000, seconds=620, emergence=True),
+    "B3": dict(task=dict(hops=list(range(1, 9)), n_statements=10, n_vars=14, n_values=10,
+                         distractor_hops=2, **COMPACT),
+               model=dict(n_layers=3, n_heads=4, d_model=64),
+               train=dict(lr=3e-3, warmup=100), steps=5000, seconds=620, emergence=True),
+}
+BASE_MODEL = dict(attn_only=True, positional="rotary")
+BASE_TRAIN = dict(batch_size=128, weight_decay=0.01, eval_every=100, eval_batch_size=512)
+
+
+def run(name: str, cfg: dict, seed: int = 0, save: str | None = None) -> dict:
+    task = RetrievalTask(**cfg["task"])
+    model = lp.tiny_model(d_vocab=len(task.vocab), n_ctx=task.seq_len, vocab=task.vocab,
+                          seed=seed, **BASE_MODEL, **cfg["model"])
+    cap = float(cfg["seconds"])
+    log = []
+
+    def stop(step, m, rec):
+        accs = {int(k[4:]): v for k, v in rec.items() if k.startswith("acc_")}
+        log.append(f"{step} {rec['seconds']:.0f}s " + " ".join(f"{d}:{a:.2f}" for d, a in accs.items()))
+        print(name, log[-1], flush=True)
+        return min(accs.values()) >= 0.98 or rec["seconds"] >= cap
+
+    ckpts = tuple(range(0, cfg["steps"] + 1, 250)) if cfg.get("emergence") else ()
+    res = lp.train(model, task, steps=cfg["steps"], seed=seed, callbacks=[stop],
+                   checkpoint_steps=ckpts, progress=False, **BASE_TRAIN, **cfg["train"])
+    fresh = task.sample(2048, torch.Generator().manual_seed(123_456))
+    probe = task.sample(256, torch.Generator().manual_seed(99))
+    qa = lp.query_accuracy(model, fresh)
+    st = lp.stacked_heads(model, probe)
+    out = dict(name=name, seed=seed, task=task.config(), seq_len=task.seq_len,
+               model=dict(BASE_MODEL, **cfg["model"]), train=dict(BASE_TRAIN, **cfg["train"]),
+               step_cap=cfg["steps"], seconds_cap=cap, steps=res.steps_done,
+               seconds=round(res.seconds, 1), query_accuracy=qa,
+               literal_guess=task.literal_guess(fresh),
+               accuracy_per_difficulty=lp.evaluate(model, fresh).accuracy,
+               stack=[dict(s) for s in st.stack], increasing=st.increasing,
+               history=[{k: round(v, 4) for k, v in r.items()
+                         if k == "step" or k.startswith(("acc_", "loss_"))} for r in res.history])
+    if ckpts and len(res.checkpoints) >= 2:
+        em = lp.emergence(res, probe, progress=False)
+        out["emergence"] = dict(order=em.order, emerged_at=em.emerged_at,
+                                loss_drop_at=em.loss_drop_at)
+    if save:
+        Path(save).mkdir(parents=True, exist_ok=True)
+        lp.save_checkpoint(model, Path(save) / f"{name}_s{seed}.safetensors", vocab=task.vocab,
+                           extra={"task": task.config(), "config": name})
+    return out
+
+
+def summarize(runs_path: str, out: str, notes: list[dict]) -> None:
+    """The record of every configuration tried (lensprobe/zoo/results/logdepth_search.json):
+    per run its configuration, steps, seconds, query accuracy and literal-guess chance per
+    D and the stack; ``notes`` adds runs that ended without a record (stopped by hand)."""
+    runs = [json.loads(line) for line in Path(runs_path).read_text().splitlines() if line.strip()]
+    keep = ("name", "seed", "task", "seq_len", "model", "train", "step_cap", "seconds_cap", "steps",
+            "seconds", "wall_seconds", "query_accuracy", "literal_guess", "stack", "increasing",
+            "emergence")
+    rnd = lambda d: {k: round(v, 4) for k, v in d.items()}  # noqa: E731
+    rows = []
+    for r in runs:
+        row = {k: r[k] for k in keep if k in r}
+        row["query_accuracy"], row["literal_guess"] = rnd(r["query_accuracy"]), rnd(r["literal_guess"])
+        row["stack"] = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}
+                        for s in r["stack"]]
+        row["status"] = "finished"
+        rows.append(row)
+    rows += notes
+    Path(out).write_text(json.dumps({"script": "scripts/logdepth_experiments.py", "runs": rows},
+                                    indent=1) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default="", help="comma-separated config names (see --list)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="logs/search.jsonl")
+    ap.add_argument("--save", default=None, help="directory for the trained checkpoints")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None, help="override every step cap (smoke tests)")
+    args = ap.parse_args()
+    if args.list:
+        print(json.dumps(CONFIGS, indent=1))
+        return
+    torch.set_num_threads(args.threads)
+    for name in [n for n in args.run.split(",") if n]:
+        t0 = time.perf_counter()
+        cfg = dict(CONFIGS[name], **({"steps": args.steps} if args.steps else {}))
+        rec = run(name, cfg, seed=args.seed, save=args.save)
+        rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps({k: rec[k] for k in ("name", "steps", "seconds", "query_accuracy",
+                                              "literal_guess", "stack")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
