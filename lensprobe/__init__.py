@@ -98,6 +98,11 @@ class _Package(types.ModuleType):
             return
         super().__setattr__(name, value)
 
+    def __reduce__(self) -> tuple:
+        # pickled by reference, like a plain module in cloudpickle: a function that uses
+        # ``lp`` must reach Ray workers (a ModuleType subclass is not pickled by name).
+        return importlib.import_module, (self.__name__,)
+
 
 sys.modules[__name__].__class__ = _Package
 

@@ -296,3 +296,18 @@ def test_ray_retries_a_killed_worker_and_restart_skips(ray_runtime, serial, spec
 def test_load_spec_names_the_fix_for_bad_zoo_revision():
     with pytest.raises(lp.InputError, match="step number"):
         load_spec("zoo:priority@latest")
+
+
+def test_functions_using_the_package_pickle_for_workers():
+    """Ray ships an analysis function with cloudpickle; one that refers to ``lp`` (the lazy
+    package, a ModuleType subclass) must pickle the package by reference."""
+    import pickle
+
+    from ray import cloudpickle  # what Ray ships tasks with
+
+    assert pickle.loads(pickle.dumps(lp)) is lp
+
+    def uses_lp(model, tokens):
+        return lp.coupling(model, tokens)
+
+    assert cloudpickle.loads(cloudpickle.dumps(uses_lp)).__globals__["lp"] is lp
