@@ -173,3 +173,31 @@ def test_grouped_kv_heads_in_ov(arch, hf_dir, loaded):
             g = h // (n // n_kv)
             want = Wv[:, g * dh:(g + 1) * dh] @ Wo[h * dh:(h + 1) * dh]
             torch.testing.assert_close(model.OV[l, h].AB.detach(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_induction_heads_run_on_the_architecture(arch, loaded, fingerprint):
+    """The induction analysis (attention read from hooks, K-composition through model.OV and
+    model.QK, which expand grouped K/V heads) on every architecture: finite, model untouched."""
+    model = loaded(arch)
+    before = fingerprint(model)
+    res = lp.induction_heads(model, half=4, batch=2)
+    assert _nonfinite_fields(res) == ["composition"], arch  # NaN where l1 >= l2 by definition
+    L = model.cfg.n_layers
+    earlier = torch.tensor([[l1 < l2 for l2 in range(L)] for l1 in range(L)])[:, None, :, None]
+    comp = res.composition
+    assert torch.isfinite(comp[earlier.expand_as(comp)]).all() and comp[~earlier.expand_as(comp)].isnan().all()
+    assert fingerprint(model) == before and _cached_graphs(model) == [], arch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_report_runs_on_the_architecture(arch, hf_dir, tmp_path):
+    """`lensprobe report --model DIR` (run_report with the directory as its spec): every
+    section is written and none fails, on each architecture and backend."""
+    from lensprobe.report import run_report
+
+    res = run_report(str(hf_dir(arch)), prompts=["w1 w2 w3 w4 w5 w6 w7 w8"], out=tmp_path,
+                     progress=False)
+    assert [s.name for s in res.failed] == [], [(s.name, s.failed) for s in res.failed]
+    assert res.html_path.is_file() and res.json_path.is_file()
+    assert {s.name for s in res.sections} >= {"oversquash", "smoothing", "coupling", "stacking"}
