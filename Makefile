@@ -50,14 +50,8 @@ TL4_ONLY := --ignore=tests/test_tutorials.py --ignore=tests/test_docs.py --ignor
 test-tl4: $(VENV)/.installed browser docs
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-# The two Ray-engine tests run on the TL 4 backend only: each starts Ray workers that import
-# torch and TransformerLens (most of their time), and the code they check (task running,
-# retries, result rows) does not depend on the backend; the serial-engine tests run on both.
-RAY_TESTS := --deselect tests/test_sweep.py::test_ray_matches_serial_and_records_a_missing_spec \
-             --deselect tests/test_sweep.py::test_ray_retries_a_killed_worker_and_restart_skips
-
 test-tl2: $(VENV_TL2)/.installed
-	$(VENV_TL2)/bin/python -m pytest -q $(TL4_ONLY) $(RAY_TESTS) $(PYTEST_ARGS)
+	$(VENV_TL2)/bin/python -m pytest -q $(TL4_ONLY) $(PYTEST_ARGS)
 
 test: test-tl4 test-tl2
 
