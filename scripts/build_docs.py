@@ -290,7 +290,8 @@ API_SECTIONS = {
     "_tl": "Backend", "core": "Extraction core", "inputs": "Inputs", "models": "Models",
     "training": "Training", "oversquash": "1. Over-squashing and collapse",
     "smoothing": "2. OV spectra and smoothing", "coupling": "3. Block coupling",
-    "stacking": "4. Stacked heads", "priority": "5. Token-priority graphs",
+    "stacking": "4. Stacked heads", "induction": "4b. Induction heads (real-text stacked heads)",
+    "priority": "5. Token-priority graphs", "sweep": "Sweeps (serial or Ray)",
     "tasks": "Tasks", "views": "Views", "zoo": "The zoo",
 }
 

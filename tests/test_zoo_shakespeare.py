@@ -114,3 +114,50 @@ def test_bad_steps_are_refused():
 def test_zoo_stays_small():
     total = sum(p.stat().st_size for p in zoo._DIR.rglob("*") if p.is_file())
     assert total < 40 * 2**20, f"zoo is {total / 2**20:.1f} MiB"
+
+
+# --------------------------------------------------------------------------- 512 real tokens
+def _prompt512() -> torch.Tensor:
+    """One 512-token window of a held-out play, as shipped (scripts/shakespeare_findings.py)."""
+    from lensprobe.zoo import _DIR
+
+    data = json.loads((_DIR / "results" / "shakespeare_prompts.json").read_text())
+    toks = torch.tensor([data["passages"][0]["tokens"]])
+    assert toks.shape == (1, 512)
+    return toks
+
+
+def _finite(result) -> bool:
+    import dataclasses
+
+    return all(torch.isfinite(v).all() for f in dataclasses.fields(result)
+               if isinstance(v := getattr(result, f.name), torch.Tensor) and v.is_floating_point()
+               and f.name != "composition")  # induction: NaN where l1 >= l2 by definition
+
+
+EXTRACTORS_512 = {
+    "sensitivity": lambda m, t: lp.sensitivity(m, t, method="hutchinson", n_probes=4, progress=False),
+    "path_bound": lambda m, t: lp.path_bound(m, t, compare=False, progress=False),
+    "collapse_curve": lambda m, t: lp.collapse_curve(m, lengths=[256, 511], precisions=("bfloat16",),
+                                                     progress=False),
+    "ov_spectrum": lambda m, t: lp.ov_spectrum(m, progress=False),
+    "dominance": lambda m, t: lp.dominance(m, t, progress=False),
+    "smoothing_profile": lambda m, t: lp.smoothing_profile(m, t),
+    "block_jacobians": lambda m, t: lp.block_jacobians(m, t, positions=[511], progress=False),
+    "coupling": lambda m, t: lp.coupling(m, t, positions=[511], k=4, progress=False),
+    "trajectory_metrics": lambda m, t: lp.trajectory_metrics(m, t),
+    "induction_heads": lambda m, t: lp.induction_heads(m, half=128, batch=2),
+}
+
+
+@pytest.mark.parametrize("name", list(EXTRACTORS_512))
+def test_every_extractor_on_512_real_tokens(model, name, fingerprint):
+    """Each public extractor that reads a language model runs on the shipped model with a
+    512-token held-out prompt: finite results, model untouched (the task-bound ones,
+    stacked_heads/emergence and priority_alignment, need their task's vocabulary and are
+    run on the zoo models trained for them)."""
+    toks = _prompt512()
+    before = fingerprint(model)
+    result = EXTRACTORS_512[name](model, toks)
+    assert _finite(result), name
+    assert fingerprint(model) == before, name
