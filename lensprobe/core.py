@@ -18,7 +18,9 @@ Three pieces every extractor uses:
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -29,7 +31,7 @@ from . import _tl
 from .errors import InputError
 from .inputs import check_finite, check_hook, to_tokens
 
-__all__ = ["guard", "cast", "copy_model", "run_hooked", "hooked_fn", "vjp_rows", "jvp_cols", "jacobian"]
+__all__ = ["extractor", "renamed", "activations", "guard", "cast", "copy_model", "run_hooked", "hooked_fn", "vjp_rows", "jvp_cols", "jacobian"]
 
 _TORCH_HOOK_DICTS = (
     "_forward_hooks",
@@ -316,6 +318,62 @@ def capture_acts(model: Any, tokens: Any, names: Sequence[str]) -> dict[str, tor
     """Activations at ``names`` from a plain no-grad forward (inside a guard)."""
     with torch.no_grad():
         return run_hooked(model, to_tokens(model, tokens), names)
+
+
+def activations(
+    model: Any, tokens: Any, names: Sequence[str], cache: Any = None
+) -> dict[str, torch.Tensor]:
+    """Activations at hook ``names``: read from a TransformerLens ``ActivationCache`` (or
+    any mapping hook name -> tensor) when ``cache`` is given, else captured from a
+    no-grad forward on ``tokens`` (inside a guard). The one way an analysis that only
+    reads activations gets them."""
+    names = list(names)
+    if cache is None:
+        if tokens is None:
+            raise InputError("pass tokens (the model input) or cache= (an ActivationCache).")
+        return capture_acts(model, tokens, names)
+    have = set(cache.keys())
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise InputError(
+            f"the cache lacks hook points {missing}; run model.run_with_cache(tokens,"
+            f" names_filter={names!r}) or pass tokens= instead of cache=."
+        )
+    return {n: cache[n] for n in names}
+
+
+def extractor(fn: Callable) -> Callable:
+    """The skeleton every extractor shares: ``fn(model, ...)`` runs inside :func:`guard`
+    (model restored exactly on every exit path) after the model is checked, so the body
+    is the analysis itself. Keep input checks that need the model inside ``fn``."""
+
+    @functools.wraps(fn)
+    def run(model: Any, *args: Any, **kwargs: Any) -> Any:
+        with guard(model):
+            return fn(model, *args, **kwargs)
+
+    return run
+
+
+def renamed(**old_to_new: str) -> Callable[[Callable], Callable]:
+    """Accept a keyword's old name for one release: ``@renamed(k="top_k")`` maps ``k=``
+    to ``top_k=`` with a DeprecationWarning that names the new spelling."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise InputError(f"{fn.__name__}: pass {new}= only ({old}= is its old name).")
+                    warnings.warn(f"{fn.__name__}({old}=...) is now {new}=...; the old name will be"
+                                  " removed in lensprobe 0.3.", DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return call
+
+    return deco
 
 
 # --------------------------------------------------------------------------- Jacobians

@@ -56,14 +56,14 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from . import _tl
 from .core import capture_acts, guard, jvp_cols, progress_bar, run_hooked, vjp_rows
 from .errors import InputError, LensprobeError
-from .inputs import check_finite, check_layers, model_dtype, to_tokens
+from .inputs import check_finite, check_layers, checkpoint_list, materialise, model_dtype, to_tokens
 from .models import str_tokens
 
 __all__ = [
@@ -1141,35 +1141,6 @@ class CouplingTracker:
                                 torch.stack(self._mats), traj)
 
 
-def _iter_checkpoints(checkpoints: Any, steps: Sequence[int] | None) -> list[tuple[int, Any]]:
-    """(step, model-or-loader) pairs from models, paths, a {step: ...} mapping or a TrainResult."""
-    if hasattr(checkpoints, "checkpoints") and hasattr(checkpoints, "model_at"):
-        run = checkpoints
-        return [(s, (lambda s=s: run.model_at(s))) for s in sorted(run.checkpoints)]
-    if isinstance(checkpoints, Mapping):
-        items = sorted(checkpoints.items())
-    else:
-        items = list(checkpoints)
-        if steps is not None and len(steps) != len(items):
-            raise InputError(f"got {len(steps)} steps for {len(items)} checkpoints.")
-        items = list(zip(steps if steps is not None else range(len(items)), items))
-    if not items:
-        raise InputError("no checkpoints given.")
-    return [(int(s), c) for s, c in items]
-
-
-def _materialise(ckpt: Any) -> Any:
-    if isinstance(ckpt, (str, Path)):
-        from .models import load_checkpoint
-
-        return load_checkpoint(ckpt)
-    if callable(ckpt) and not isinstance(ckpt, torch.nn.Module):
-        return ckpt()
-    if hasattr(ckpt, "model") and hasattr(ckpt, "step") and not isinstance(ckpt, torch.nn.Module):
-        return ckpt.model()
-    return ckpt
-
-
 def coupling_through_training(
     checkpoints: Any,
     tokens: Any,
@@ -1193,7 +1164,7 @@ def coupling_through_training(
     """
     tracker = CouplingTracker(tokens, k=k, positions=positions, method=method,
                               max_memory_mb=max_memory_mb)
-    pairs = _iter_checkpoints(checkpoints, steps)
+    pairs = checkpoint_list(checkpoints, steps)
     for step, ck in progress_bar(pairs, progress, "checkpoints", len(pairs)):
-        tracker.record(_materialise(ck), step)
+        tracker.record(materialise(ck), step)
     return tracker.result()

@@ -518,13 +518,13 @@ def induction_emergence(
     Olsson et al. (2022) find the induction head and the in-context loss drop at the same
     point of training; ``emerged_at`` and ``loss_drop_at`` say where each happens here.
     """
-    from .coupling import _iter_checkpoints, _materialise
+    from .inputs import checkpoint_list, materialise
 
-    pairs = _iter_checkpoints(checkpoints, steps)
+    pairs = checkpoint_list(checkpoints, steps)
     ind, prev, lf, ls, done = [], [], [], [], []
     toks = None
     for step, ck in progress_bar(pairs, progress, "checkpoints", len(pairs)):
-        m = _materialise(ck)
+        m = materialise(ck)
         with guard(m):
             if toks is None:
                 toks = repeated_tokens(m, half, batch, seed=seed, bos=bos)

@@ -310,3 +310,65 @@ def check_float_dtype(
             " or dtype=torch.float64 for reference computations)."
         )
     return dtype
+
+
+def head_name(layer: int, head: int) -> str:
+    """The one spelling of a head everywhere in lensprobe: ``L{layer}H{head}``."""
+    return f"L{layer}H{head}"
+
+
+def checkpoint_list(checkpoints: Any, steps: Sequence[int] | None = None) -> list[tuple[int, Any]]:
+    """The one normalisation of "a training trajectory": ``(step, model-or-loader)`` pairs
+    in step order, from a TrainResult (``model_at``), a mapping ``step -> model/path/loader``
+    or a sequence of them (``steps`` names their steps, default 0, 1, ...). Pass each second
+    element through :func:`materialise` to get the model."""
+    if hasattr(checkpoints, "checkpoints") and hasattr(checkpoints, "model_at"):
+        run = checkpoints
+        pairs = [(s, (lambda s=s: run.model_at(s))) for s in sorted(run.checkpoints)]
+    elif isinstance(checkpoints, dict) or hasattr(checkpoints, "items"):
+        pairs = sorted(checkpoints.items())
+    else:
+        items = list(checkpoints)
+        if steps is not None and len(steps) != len(items):
+            raise InputError(f"got {len(steps)} steps for {len(items)} checkpoints; pass one step per checkpoint.")
+        pairs = list(zip(steps if steps is not None else range(len(items)), items))
+    if not pairs:
+        raise InputError("no checkpoints given; pass a TrainResult, a {step: model} mapping or a list of models.")
+    return [(int(s), c) for s, c in pairs]
+
+
+def materialise(ckpt: Any) -> Any:
+    """A model from one entry of :func:`checkpoint_list`: a model, a checkpoint path, a
+    zero-argument loader or a :class:`lensprobe.training.Checkpoint`."""
+    from pathlib import Path
+
+    if isinstance(ckpt, (str, Path)):
+        from .models import load_checkpoint
+
+        return load_checkpoint(ckpt)
+    if isinstance(ckpt, torch.nn.Module):
+        return ckpt
+    if hasattr(ckpt, "model") and hasattr(ckpt, "step"):
+        return ckpt.model()
+    if callable(ckpt):
+        return ckpt()
+    return ckpt
+
+
+def hook_names(model: Any, names_filter: Any = None) -> list[str]:
+    """Hook names selected the TransformerLens way (``run_with_cache``'s ``names_filter``):
+    None (all), one name, a list of names, or a predicate ``name -> bool``; in model order."""
+    every = list(_tl.hook_points(model))
+    if names_filter is None:
+        return every
+    if isinstance(names_filter, str):
+        return [check_hook(model, names_filter)]
+    if callable(names_filter):
+        out = [n for n in every if names_filter(n)]
+        if not out:
+            raise InputError("names_filter selected no hook point of this model.")
+        return out
+    names = [check_hook(model, n) for n in names_filter]
+    if not names:
+        raise InputError("names_filter is an empty list; pass hook names or None for all.")
+    return names

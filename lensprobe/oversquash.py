@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -37,6 +37,7 @@ from .core import (
 from .errors import InputError
 from .inputs import check_finite, check_hook, index_list, to_tokens
 from .models import str_tokens
+from .results import Result, Table
 from .tasks.counting import insert_separators
 
 __all__ = [
@@ -326,17 +327,22 @@ def _exact_rows(
 
 # --------------------------------------------------------------------------- path bound
 @dataclass(frozen=True)
-class PathBound:
+class PathBound(Result):
     """The over-squashing bound of Barbero et al. (2024), Theorem 5.1, per input position.
 
-    bound:    [batch, pos] ``[prod_l M^(l)]_{n,i}`` with ``M^(l) = Abar^(l) + I`` (or
+    bound:    [prompt, pos] ``[prod_l M^(l)]_{n,i}`` with ``M^(l) = Abar^(l) + I`` (or
               ``(Abar^(l) + I) / 2`` with ``normalise=True``), heads averaged or summed;
-              [heads, batch, pos] with ``heads='each'``.
-    measured: [batch, pos] the measured sensitivity profile (exact Frobenius norms), or None.
-    spearman: [batch] rank correlation of measured vs bound over positions 0..n (or None).
-    ratio:    [batch, pos] measured / bound (or None); NaN where the bound is 0 (no path,
+              [head, prompt, pos] with ``heads='each'``.
+    measured: [prompt, pos] the measured sensitivity profile (exact Frobenius norms), or None.
+    spearman: [prompt] rank correlation of measured vs bound over positions 0..n (or None).
+    ratio:    [prompt, pos] measured / bound (or None); NaN where the bound is 0 (no path,
               e.g. positions after n in a causal model).
+    tokens:   [prompt, pos] the input ids; ``str_tokens`` their strings.
     """
+
+    AXES: ClassVar = {"bound": ("prompt", "pos"), "measured": ("prompt", "pos"),
+                      "spearman": ("prompt",), "ratio": ("prompt", "pos"), "tokens": ("prompt", "pos")}
+    TITLE: ClassVar = "Theorem 5.1 path bound"
 
     bound: torch.Tensor
     measured: torch.Tensor | None
@@ -349,26 +355,29 @@ class PathBound:
     normalise: bool
     beta: float
 
-    def to_dataframe(self) -> Any:
-        import pandas as pd
+    @property
+    def axes(self) -> dict[str, tuple[str, ...]]:
+        if self.heads == "each":
+            return dict(self.AXES, bound=("head", "prompt", "pos"))
+        return dict(self.AXES)
 
-        rows = []
-        bound = self.bound if self.heads == "each" else self.bound.unsqueeze(0)
-        for h in range(bound.shape[0]):
-            for b in range(bound.shape[1]):
-                for i in range(bound.shape[2]):
-                    row = {
-                        "head": h if self.heads == "each" else self.heads,
-                        "prompt": b,
-                        "pos": i,
-                        "token": self.str_tokens[b][i],
-                        "bound": float(bound[h, b, i]),
-                    }
-                    if self.measured is not None and self.heads != "each":
-                        row["measured"] = float(self.measured[b, i])
-                        row["ratio"] = float(self.ratio[b, i])
-                    rows.append(row)
-        return pd.DataFrame(rows)
+    def _table(self) -> Table:
+        """One row per (head, prompt, position): token, bound and, for averaged or summed
+        heads, the measured sensitivity and their ratio (``head`` is the mode then)."""
+        each = self.heads == "each"
+        bound = self.bound if each else self.bound.unsqueeze(0)
+        cols: dict[str, Any] = {"token": (("prompt", "pos"), self.str_tokens),
+                                "bound": (("head", "prompt", "pos"), bound)}
+        if self.measured is not None and not each:
+            cols.update(measured=(("prompt", "pos"), self.measured), ratio=(("prompt", "pos"), self.ratio))
+        heads = range(bound.shape[0]) if each else [self.heads]
+        return Table({"head": heads, "prompt": range(bound.shape[1]), "pos": range(bound.shape[2])}, cols)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"position": self.position, "heads": self.heads}
+        if self.spearman is not None:
+            out["mean_spearman"] = float(self.spearman.mean())
+        return out
 
     def plot(self, prompt: int = 0) -> Any:
         """Bound and measured sensitivity, each divided by its sum, on a log scale."""

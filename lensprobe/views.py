@@ -254,3 +254,22 @@ def figure_html(fig: Any, *, alt: str = "figure") -> str:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     data = base64.b64encode(buf.getvalue()).decode("ascii")
     return f'<figure><img alt="{escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def figure_view(fig: Any, title: str, summary: Any = None, *, extra_html: str = "") -> View:
+    """The one "plot, close, wrap" of every result's ``show()``: a heading, the figure
+    (closed after rendering), an optional summary (a dict or DataFrame, as a table) and
+    trusted ``extra_html`` written by lensprobe."""
+    import matplotlib.pyplot as plt
+
+    try:
+        body = f"<h3>{escape(title)}</h3>" + figure_html(fig, alt=title)
+    finally:
+        plt.close(fig)
+    if summary is not None and len(summary):
+        import pandas as pd
+
+        df = summary if isinstance(summary, pd.DataFrame) else pd.DataFrame(
+            {"quantity": list(summary), "value": [str(v) for v in summary.values()]})
+        body += table_html(df)
+    return View(body + extra_html, title=title)

@@ -62,6 +62,14 @@ CONFIGS: dict[str, dict] = {
                          distractor_hops=2, **COMPACT),
                model=dict(n_layers=3, n_heads=4, d_model=64),
                train=dict(lr=3e-3, warmup=100), steps=5000, seconds=620, emergence=True),
+    # the budgets A1/B1 lacked: the shipped 4-layer model sat on a plateau for ~1500
+    # steps before its 1-hop head formed, so these run up to 15k / 25k steps
+    "A4": dict(task=dict(hops=[1, 2, 3, 4], n_statements=6, n_vars=12, n_values=10, **COMPACT),
+               model=dict(n_layers=2, n_heads=4, d_model=64),
+               train=dict(lr=3e-3, warmup=100), steps=15000, seconds=1800, emergence=True),
+    "B4": dict(task=dict(hops=list(range(1, 9)), n_statements=10, n_vars=14, n_values=10, **COMPACT),
+               model=dict(n_layers=3, n_heads=4, d_model=64),
+               train=dict(lr=3e-3, warmup=100), steps=25000, seconds=3000, emergence=True),
 }
 BASE_MODEL = dict(attn_only=True, positional="rotary")
 BASE_TRAIN = dict(batch_size=128, weight_decay=0.01, eval_every=100, eval_batch_size=512)
