@@ -24,6 +24,7 @@ __all__ = [
     "check_finite",
     "check_pattern",
     "check_float_dtype",
+    "int_ids",
     "model_device",
     "move_model",
     "resolve_device",
@@ -250,6 +251,34 @@ def index_list(values: Any, what: str, example: str) -> list[int]:
             f" e.g. {example}."
         )
     return [operator.index(v) for v in values]
+
+
+def int_ids(values: Any, what: str, ndim: int) -> torch.Tensor:
+    """``values`` as an integer tensor with ``ndim`` dimensions, or a clear InputError.
+
+    Never truncates: float ids (0.5), text and nested lists of the wrong depth are errors.
+    """
+    if isinstance(values, (str, bytes)):
+        raise InputError(
+            f"{what} is text ({values!r:.60}); pass token ids (ints). Tokenise text first"
+            " (model.to_tokens, or the task's vocabulary)."
+        )
+    try:
+        t = values if isinstance(values, torch.Tensor) else torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(
+            f"cannot read {what} as token ids ({type(values).__name__}: {e}); pass a tensor or"
+            " (nested) lists of ints."
+        ) from e
+    if t.ndim != ndim:
+        shape = "[n]" if ndim == 1 else "[n, T] (or a list of id lists)"
+        raise InputError(f"{what} must have shape {shape}, got shape {tuple(t.shape)}.")
+    if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise InputError(
+            f"{what} must be integer token ids, got dtype {t.dtype}; float ids are not rounded"
+            " or truncated. Pass ints (e.g. tensor.long() if the values are whole numbers)."
+        )
+    return t
 
 
 def check_layers(model: Any, layers: Sequence[int] | int | None) -> list[int]:
