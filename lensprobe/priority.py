@@ -233,8 +233,12 @@ class TokenPriorityGraph(Result):
 
     @classmethod
     def from_data(
-        cls, sequences: Int[torch.Tensor, "n pos"] | Sequence[Sequence[int]], labels: Int[torch.Tensor, " n"] | Sequence[int],
-        *, n_tokens: int | None = None, vocab: Sequence[str] | None = None,
+        cls,
+        sequences: Int[torch.Tensor, "n pos"] | Sequence[Sequence[int]],
+        labels: Int[torch.Tensor, " n"] | Sequence[int],
+        *,
+        n_tokens: int | None = None,
+        vocab: Sequence[str] | None = None,
     ) -> "TokenPriorityGraph":
         """``sequences``: [n, pos] tensor or a list of token-id lists; ``labels``: [n]."""
         seqs, labs = _as_sequences(sequences, labels)
@@ -323,7 +327,7 @@ class TokenPriorityGraph(Result):
         return [(a, b) for a, b in self.graph(last_token).edges if sid[a] != sid[b]]
 
     # ------------------------------------------------------------------ retrieval
-    def retrieve(self, sequence: Any) -> Retrieval:
+    def retrieve(self, sequence: Int[torch.Tensor, " pos"] | Sequence[int]) -> Retrieval:
         """The hard-retrieval set of one sequence (last token = its last element)."""
         seq = [int(t) for t in (sequence.tolist() if isinstance(sequence, torch.Tensor) else sequence)]
         if not seq:
@@ -886,7 +890,7 @@ def _pattern_rows(model: Any, tokens: torch.Tensor, layer: int, head: int) -> to
     return run_hooked(model, tokens, [name])[name][:, head, -1, :]
 
 
-def priority_loss(model: Any, batch: Any, *, layer: int = 0, head: int = 0) -> tuple[torch.Tensor, dict]:
+def priority_loss(model: Any, batch: Any, *, layer: int = 0, head: int = 0) -> tuple[Float[torch.Tensor, ""], dict]:
     """The paper's loss -log p(y), p(y) = attention mass on the label at the last position.
 
     ``loss_fn`` for :func:`lensprobe.train`: the label is the target at the last position.

@@ -235,9 +235,11 @@ def _dense_svm(tpg, E):
         from scipy.linalg import orth
 
         eq = list(orth(np.array(eq).T).T)
-    cons = [{"type": "ineq", "fun": lambda w, A=np.array(ineq): A @ w - 1, "jac": lambda w, A=np.array(ineq): A}]
+    A_in = np.array(ineq)
+    cons = [{"type": "ineq", "fun": lambda w: A_in @ w - 1, "jac": lambda w: A_in}]
     if eq:
-        cons.append({"type": "eq", "fun": lambda w, A=np.array(eq): A @ w, "jac": lambda w, A=np.array(eq): A})
+        A_eq = np.array(eq)
+        cons.append({"type": "eq", "fun": lambda w: A_eq @ w, "jac": lambda w: A_eq})
     res = minimize(lambda w: 0.5 * w @ w, np.zeros(d * d), jac=lambda w: w, constraints=cons,
                    method="SLSQP", options=dict(ftol=1e-14, maxiter=1000))
     assert res.success, res.message
