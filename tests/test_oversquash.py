@@ -101,10 +101,10 @@ def toks():
 def test_exact_sensitivity_matches_per_row_autograd_loop(tiny, toks, positional):
     model = tiny(positional=positional)
     res = sensitivity(model, toks, per_layer=True, progress=False)
-    assert res.targets == ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post",
+    assert res.target_hooks == ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post",
                            final_hook(model))
     assert res.norms.shape == (3, 2, 7)
-    for t, target in enumerate(res.targets):
+    for t, target in enumerate(res.target_hooks):
         ref = _brute_norms(copy.deepcopy(model), toks, target, -1)
         torch.testing.assert_close(res.norms[t], ref, rtol=1e-10, atol=1e-12)
 
@@ -125,7 +125,7 @@ def test_exact_and_spectral_match_finite_differences(tiny, toks):
 
 def test_hook_embed_source_and_resid_post_target(tiny, toks):
     model = tiny()
-    res = sensitivity(model, toks, source="hook_embed", target="blocks.1.hook_resid_post",
+    res = sensitivity(model, toks, source_hook="hook_embed", target_hook="blocks.1.hook_resid_post",
                       progress=False)
     # hook_embed feeds resid_pre additively (resid_pre = embed + pos): same Jacobian
     ref = _brute_norms(copy.deepcopy(model), toks, "blocks.1.hook_resid_post", -1)
@@ -187,7 +187,7 @@ def test_sensitivity_input_errors(tiny, toks):
     with pytest.raises(lp.InputError, match="n_probes"):
         sensitivity(model, toks, method="hutchinson", n_probes=1, progress=False)
     with pytest.raises(lp.InputError, match="no hook point"):
-        sensitivity(model, toks, target="ln_final.hook_normalised", progress=False)
+        sensitivity(model, toks, target_hook="ln_final.hook_normalised", progress=False)
     with pytest.raises(lp.InputError, match="n_ctx"):
         sensitivity(model, torch.zeros(1, 40, dtype=torch.long), progress=False)
 
@@ -221,11 +221,11 @@ def test_bound_for_uniform_causal_attention_is_the_closed_form(tiny, n_layers):
         assert float(res.bound[0, i]) == pytest.approx(expect, rel=1e-12)
     half = path_bound(model, toks, compare=False, normalise=True)
     torch.testing.assert_close(half.bound, res.bound / 2**n_layers)
-    summed = path_bound(model, toks, compare=False, heads="sum")  # 2 heads: A -> 2A
+    summed = path_bound(model, toks, compare=False, reduce_heads="sum")  # 2 heads: A -> 2A
     if n_layers == 1:
         expect = torch.tensor([2 / N] * (N - 1) + [2 / N + 1], dtype=torch.float64)
         torch.testing.assert_close(summed.bound[0], expect)
-    each = path_bound(model, toks, compare=False, heads="each")
+    each = path_bound(model, toks, compare=False, reduce_heads="none")
     assert each.bound.shape == (2, 1, N)
     torch.testing.assert_close(each.bound[0], res.bound)
 
@@ -263,8 +263,8 @@ def test_path_bound_leaves_model_untouched(tiny, toks, fingerprint):
     with pytest.raises(Boom):  # fails inside, after the patterns were read
         path_bound(model, toks, progress=False)
     assert fingerprint(model) == before
-    with pytest.raises(lp.InputError, match="heads"):
-        path_bound(model, toks, heads="max")
+    with pytest.raises(lp.InputError, match="reduce_heads"):
+        path_bound(model, toks, reduce_heads="max")
     with pytest.raises(lp.InputError, match="beta"):
         path_bound(model, toks, beta=0)
 

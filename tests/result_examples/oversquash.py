@@ -14,7 +14,7 @@ def path_bound():
 
 
 def path_bound_each():
-    return lp.path_bound(_model(), torch.tensor([[1, 2, 3, 4, 5, 6]]), heads="each", compare=False)
+    return lp.path_bound(_model(), torch.tensor([[1, 2, 3, 4, 5, 6]]), reduce_heads="none", compare=False)
 
 
 EXAMPLES = {"PathBound": path_bound}
