@@ -816,7 +816,7 @@ class PrecisionRun(Result):
         n = self.lengths.double()
         for hook, ident in self.identical.items():
             ax.plot(n, ident.mean(-1), "o-", label=hook)
-        ax.plot(n, self.top_same.double(), "k:", drawstyle="steps-mid", label="same top token (1 = yes)")
+        ax.plot(n, self.top_same.double(), "k^:", label="same top token (1 = yes)")
         ax.set_ylim(-0.05, 1.05)
         return _finish(fig, ax, "n (items)", "fraction of bit-identical coordinates",
                        f"{self.dtype} run: collapse of the pair's last tokens", logx=True, logy=False)
@@ -1090,7 +1090,8 @@ def collapse_curve(
     low = {}
     for name, dtype in low_dtypes.items():
         ldist, ident, ltop = _sweep(model, seqs, hooks, dtype, name, progress)
-        low[name] = PrecisionRun(dtype=name, lengths=n_t, distances=ldist, identical=ident,
+        # a copy of the lengths: a result file stores each tensor once (no shared storage)
+        low[name] = PrecisionRun(dtype=name, lengths=n_t.clone(), distances=ldist, identical=ident,
                                  top_same=ltop[:, 0] == ltop[:, 1], top_matches_reference=ltop == top)
     slopes, thresholds, thresholds_fit = _fits(n_t, distances, threshold_hook, threshold_metric, fit_min)
     return CollapseCurve(
