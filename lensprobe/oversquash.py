@@ -78,13 +78,13 @@ def _check_position(position: int, n: int) -> int:
     return position % n
 
 
-def _dtype(dtype: DType, what: str) -> tuple[torch.dtype, str]:
+def _dtype_name(dtype: DType, what: str) -> str:
     """The one reading of a dtype argument: a ``torch.dtype`` or its name ("bfloat16",
-    "torch.float16") -> (the dtype, its name as results store it)."""
+    "torch.float16") -> its name, as results store it (``_DTYPES[name]`` is the dtype)."""
     name = str(dtype).replace("torch.", "")
     if name not in _DTYPES:
         raise InputError(f"unknown {what} {dtype!r}; choose from {tuple(_DTYPES)} (a torch.dtype or its name).")
-    return _DTYPES[name], name
+    return name
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -997,15 +997,15 @@ def _last_token_acts(
 
 
 def _sweep(
-    model: Any, seqs: list[list[int]], hooks: list[str], dtype: torch.dtype, name: str, progress: bool,
+    model: Any, seqs: list[list[int]], hooks: list[str], dtype: str, progress: bool,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     """All pairs ``seqs = [v_0, v*_0, v_1, v*_1, ...]`` with the model cast to ``dtype``:
     per hook the distances [length, group, metric] and the bit-identical fractions
     [length, group] of the pairs' last-token activations, and the top tokens [length, 2].
     The one sweep of the reference and of every low-precision run."""
     causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
-    with cast(model, dtype):
-        acts, top = _last_token_acts(model, seqs, hooks, causal, progress, f"collapse ({name})")
+    with cast(model, _DTYPES[dtype]):
+        acts, top = _last_token_acts(model, seqs, hooks, causal, progress, f"collapse ({dtype})")
     dist, ident = {}, {}
     for h in hooks:
         pairs = [(_groups(u), _groups(v)) for u, v in zip(acts[h][0::2], acts[h][1::2])]
@@ -1077,19 +1077,19 @@ def collapse_curve(
     """
     if threshold_metric not in METRICS:
         raise InputError(f"threshold_metric must be one of {METRICS}, got {threshold_metric!r}.")
-    low_dtypes = dict(_dtype(p, "precision")[::-1] for p in precisions)
-    ref_dtype, ref_name = _dtype(reference_dtype, "reference_dtype")
+    low_dtypes = [_dtype_name(p, "precision") for p in precisions]
+    ref_dtype = _dtype_name(reference_dtype, "reference_dtype")
     hooks, threshold_hook = _collapse_hooks(model, hooks, per_head, threshold_hook)
     pair_name, make = _pair_maker(model, pair, pair_options)
     lengths, pairs = _pairs(model, make, lengths)
     seqs = [s for ab in pairs for s in ab]
-    distances, _, top = _sweep(model, seqs, hooks, ref_dtype, ref_name, progress)
+    distances, _, top = _sweep(model, seqs, hooks, ref_dtype, progress)
     for h, d in distances.items():
         check_finite(d, f"collapse distances at {h!r}")
     n_t = torch.tensor(lengths)
     low = {}
-    for name, dtype in low_dtypes.items():
-        ldist, ident, ltop = _sweep(model, seqs, hooks, dtype, name, progress)
+    for name in low_dtypes:
+        ldist, ident, ltop = _sweep(model, seqs, hooks, name, progress)
         # a copy of the lengths: a result file stores each tensor once (no shared storage)
         low[name] = PrecisionRun(dtype=name, lengths=n_t.clone(), distances=ldist, identical=ident,
                                  top_same=ltop[:, 0] == ltop[:, 1], top_matches_reference=ltop == top)
@@ -1107,5 +1107,5 @@ def collapse_curve(
         thresholds_fit=thresholds_fit,
         threshold_hook=threshold_hook,
         threshold_metric=threshold_metric,
-        reference_dtype=ref_name,
+        reference_dtype=ref_dtype,
     )
