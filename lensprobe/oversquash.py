@@ -96,11 +96,10 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(rho)
 
 
-def _figure(ax_count: int = 1, width: float = 6.5, height: float = 3.6) -> tuple[Any, Any]:
+def _figure() -> tuple[Any, Any]:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ax_count, figsize=(width * ax_count, height), squeeze=False)
-    return fig, axes[0]
+    return plt.subplots(figsize=(6.5, 3.6))
 
 
 def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, *, logx: bool = False,
@@ -187,7 +186,7 @@ class Sensitivity(Result):
     def plot(self, prompt: int | None = None) -> Any:
         """Norm per input position on a log scale (one line per prompt, or per target
         when there are several targets and ``prompt`` is given)."""
-        fig, (ax,) = _figure()
+        fig, ax = _figure()
         T, B, N = self.norms.shape
         x = torch.arange(N)
         if T > 1 and prompt is not None:
@@ -438,7 +437,7 @@ class PathBound(Result):
 
     def plot(self, prompt: int = 0) -> Any:
         """Bound and measured sensitivity, each divided by its sum, on a log scale."""
-        fig, (ax,) = _figure()
+        fig, ax = _figure()
         n = self.position + 1
         x = torch.arange(n)
         each = self.reduce_heads == "none"
@@ -812,7 +811,7 @@ class PrecisionRun(Result):
     def plot(self) -> Any:
         """The fraction of bit-identical coordinates of the pair's last tokens vs n (head
         mean per hook) and whether the two top tokens agree: where the format collapses."""
-        fig, (ax,) = _figure()
+        fig, ax = _figure()
         n = self.lengths.double()
         for hook, ident in self.identical.items():
             ax.plot(n, ident.mean(-1), "o-", label=hook)
@@ -884,7 +883,7 @@ class CollapseCurve(Result):
         """Log-log distance vs n (head mean with min-max band for per-head hooks), the
         low-precision runs, and the bf16 / fp16 / fp32 machine-epsilon lines."""
         hook = hook or self.threshold_hook
-        fig, (ax,) = _figure()
+        fig, ax = _figure()
         n = self.lengths.double()
         mean = self.distance(hook, metric, "mean").clamp_min(_TINY)
         ax.plot(n, mean, "o-", label=f"{self.reference_dtype} (slope {self.slope(hook, metric):.2f})")
