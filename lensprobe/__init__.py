@@ -32,7 +32,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "models": ("load_checkpoint", "load_model", "save_checkpoint", "tiny_model", "word_tokenizer"),
     "training": ("TrainResult", "evaluate", "train"),
     # 1. over-squashing and representational collapse (Barbero et al. 2024)
-    "oversquash": ("collapse_curve", "path_bound", "sensitivity"),
+    "oversquash": ("CollapsePair", "collapse_curve", "path_bound", "sensitivity"),
     # 2. OV eigenspectra and smoothing (Dovonon et al. 2025)
     "smoothing": ("dominance", "flip_ln_gamma", "ov_spectrum", "sign_controlled",
                   "smoothing_profile"),
@@ -117,7 +117,7 @@ if TYPE_CHECKING:  # pragma: no cover  (re-exports for type checkers and IDEs)
     )
     from .inputs import to_tokens
     from .models import load_checkpoint, load_model, save_checkpoint, tiny_model, word_tokenizer
-    from .oversquash import collapse_curve, path_bound, sensitivity
+    from .oversquash import CollapsePair, collapse_curve, path_bound, sensitivity
     from .priority import (
         AlignmentCurve, GraphSVM, InfeasibleError, PriorityAlignment, Retrieval,
         TokenPriorityGraph, alignment_curve, graph_svm, head_W, priority_alignment,

@@ -24,6 +24,7 @@ __all__ = [
     "check_finite",
     "check_pattern",
     "check_float_dtype",
+    "insert_separators",
     "int_ids",
     "model_device",
     "move_model",
@@ -251,6 +252,21 @@ def index_list(values: Any, what: str, example: str) -> list[int]:
             f" e.g. {example}."
         )
     return [operator.index(v) for v in values]
+
+
+def insert_separators(items: Sequence[int], sep: int, every: int | None) -> list[int]:
+    """``sep`` after every ``every`` items, never at the end (``every=None``: unchanged).
+
+    The one way a sequence of items gets separator tokens: the counting tasks' inputs and
+    the collapse pairs of :func:`lensprobe.oversquash.pair_sequences`."""
+    if not every:
+        return list(items)
+    out: list[int] = []
+    for k, t in enumerate(items, 1):
+        out.append(t)
+        if k % every == 0 and k < len(items):
+            out.append(sep)
+    return out
 
 
 def int_ids(values: Any, what: str, ndim: int) -> torch.Tensor:

@@ -26,7 +26,6 @@ attention mass per token, p(v) = sum_t s_t 1[x_t = v]; the loss is -log p(y).
 * :func:`retrieval_graph_view` -- a self-contained HTML/SVG page of all of it.
 """
 
-# ruff: noqa: F722  (jaxtyping shape strings such as "n pos" are not Python expressions)
 from __future__ import annotations
 
 import contextlib
