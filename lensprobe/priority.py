@@ -1123,7 +1123,10 @@ class PriorityAlignment(Result):
         """One row per prompt: tokens, label, retrieval, attention masses, split error."""
         v = self.tpg.vocab
         p = ("prompt",)
-        words = lambda toks: " ".join(v[t] for t in toks)  # noqa: E731
+
+        def words(toks: Sequence[int]) -> str:
+            return " ".join(v[t] for t in toks)
+
         labels = [None] * len(self.sequences) if self.labels is None else [v[y] for y in self.labels]
         return Table({"prompt": range(len(self.sequences))}, {
             "sequence": (p, [words(s) for s in self.sequences]), "last": (p, [v[s[-1]] for s in self.sequences]),

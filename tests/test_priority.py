@@ -630,3 +630,15 @@ def test_alignment_curve_takes_every_checkpoint_form(acyclic_run):
             assert torch.equal(v.nan_to_num(), curve[k].nan_to_num()), k
     with pytest.raises(lp.InputError, match="steps"):
         lp.alignment_curve(models, tpg, steps=[0, 1], progress=False)
+
+
+def test_the_task_module_does_not_import_the_analysis_module():
+    """Layering: tasks.priority (data) never imports lensprobe.priority (analysis)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lensprobe.tasks.priority as t;"
+            " t.priority_dataset(t.PriorityTask.random(6, 4, tie_size=3), 6, require_cycle=True);"
+            " print('lensprobe.priority' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
