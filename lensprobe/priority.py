@@ -23,7 +23,8 @@ attention mass per token, p(v) = sum_t s_t 1[x_t = v]; the loss is -log p(y).
   cos(W, W_svm), ||P_fin W - W_fin||_F, cos(W - P_fin W, W_svm), attention mass on the
   retrieved SCC, within-SCC split against softmax of W_fin scores, and the head's own
   ("local") priority graph compared edge by edge with the data's.
-* :func:`retrieval_graph_view` -- a self-contained HTML/SVG page of all of it.
+* :func:`retrieval_graph_view` -- a self-contained HTML/SVG page of all of it (laid out
+  here, drawn by :func:`lensprobe.views.graph_view`).
 """
 
 from __future__ import annotations
