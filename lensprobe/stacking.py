@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 
 from .core import activations, extractor, progress_bar
 from .errors import InputError
@@ -84,7 +84,7 @@ def _span(target: str, lhs: torch.Tensor, rhs: torch.Tensor, stmt_len: int) -> t
     return lhs, lhs + stmt_len
 
 
-def target_masks(batch: Batch, target: Target = "statement") -> torch.Tensor:
+def target_masks(batch: Batch, target: Target = "statement") -> Bool[torch.Tensor, "batch query key hop"]:
     """M_k as a boolean tensor [batch, pos(query), pos(key), hop]: M_k[b, i, j] = 1 when key
     j belongs to the hop-k referent of position i (``target``: its whole ``'statement'``,
     its right-hand side ``'rhs'`` or its left-hand side ``'lhs'``)."""
@@ -323,19 +323,12 @@ def hop_scores(model: Any, batch: Batch, *, target: Target = "rhs", cache: Any =
 # --------------------------------------------------------------------------- composition
 def composition(model: Any, src: tuple[int, int], dst: tuple[int, int],
                 kind: Literal["K", "Q", "V"] = "K") -> float:
-    """Composition score of head ``src = (layer, head)`` into later head ``dst``
-    (Elhage et al., 2021): :func:`lensprobe.induction.composition_scores` for one pair.
-
-    TransformerLens's row convention: the residual gains x OV_src (OV = W_V W_O) and the
-    later head scores r_q QK r_k^T (QK = W_Q W_K^T). With C the composed matrix,
-    score = ||C||_F / (||OV_src||_F ||M_dst||_F), where
-      K: C = OV_src QK_dst^T (src output feeds the keys),
-      Q: C = OV_src QK_dst   (... the queries),
-      V: C = OV_src OV_dst   (... the values).
-    Factored (TransformerLens ``FactoredMatrix``; grouped K/V heads are shared by their
-    query heads). Uses the weights as stored (layer-norm scales not folded in unless
-    processed).
-    """
+    """Composition score of head ``src = (layer, head)`` into a later head ``dst``
+    (Elhage et al., 2021): ||C||_F / (||OV_src||_F ||M_dst||_F) with C = OV_src QK_dst^T
+    (``K``: src output feeds the keys), OV_src QK_dst (``Q``) or OV_src OV_dst (``V``);
+    :func:`lensprobe.induction.composition_scores` for one pair (TransformerLens's
+    factored matrices; grouped K/V heads shared by their query heads). Uses the weights
+    as stored (layer-norm scales not folded in unless processed)."""
     return pair_composition(model, src, dst, kind)
 
 
@@ -587,23 +580,14 @@ _COLORS = ["#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
 _RED = "#d62728"
 
 
-@dataclass(frozen=True)
 class _Canvas:
-    """Geometry of the chain SVG: T positions, L + 1 rows (layer boundaries)."""
+    """Geometry of the chain SVG: T positions, L + 1 rows (layer boundaries), row 0 at the bottom."""
 
-    T: int
-    L: int
-    dx: int = 34
-    dy: int = 90
-    pad: int = 40
+    dx, dy, pad = 34, 90, 40
 
-    @property
-    def width(self) -> int:
-        return self.pad * 2 + self.dx * (self.T - 1)
-
-    @property
-    def height(self) -> int:
-        return self.pad * 2 + self.dy * self.L + 20
+    def __init__(self, T: int, L: int) -> None:
+        self.T, self.L = T, L
+        self.width, self.height = self.pad * 2 + self.dx * (T - 1), self.pad * 2 + self.dy * L + 20
 
     def x(self, i: int) -> int:
         return self.pad + self.dx * i
@@ -1039,8 +1023,8 @@ class DepthStudy(Result):
         """One row per (layers, seed, hops): accuracy, chance, the layers the bound needs
         for that D and the most hops doubling reaches with that many layers."""
         cols: dict[str, Any] = {"accuracy": (("layers", "seed", "hops"), self.accuracy),
-                                "bound_layers": (("hops",), [depth_bound(D) for D in self.hops]),
-                                "doubling_max_hops": (("layers",), [2**L for L in self.layers])}
+                                "bound_layers": (("hops",), torch.tensor([depth_bound(D) for D in self.hops])),
+                                "doubling_max_hops": (("layers",), torch.tensor([2**L for L in self.layers]))}
         if self.chance is not None:
             cols["chance"] = (("layers", "seed", "hops"), self.chance)
         return Table(self._grid("accuracy"), cols)
