@@ -90,9 +90,12 @@ def _tl_composition_scores() -> Any:
 
 def _ln1_gains(model: Any) -> torch.Tensor | None:
     """[L, d] the gain of every layer's ln1 (None when a layer has none, or it is folded)."""
-    from .smoothing import _norm_scale
+    try:
+        from ._tl import norm_scale  # the backend helper, once it lives in _tl (issue 14)
+    except ImportError:
+        from .smoothing import _norm_scale as norm_scale
 
-    gains = [_norm_scale(model, l, "ln1") for l in range(model.cfg.n_layers)]
+    gains = [norm_scale(model, l, "ln1") for l in range(model.cfg.n_layers)]
     if any(g is None for g in gains):
         return None
     return torch.stack([g.detach().double().cpu() for g in gains])
