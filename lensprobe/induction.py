@@ -364,7 +364,7 @@ class InductionHeads(Result):
         return _attention_figure_view(self.plot(), self.TITLE, self.summary(), self.attention_view())
 
 
-def _ablate_hook(heads: Sequence[int], mode: Literal["mean", "zero"] = "mean"):
+def ablation_hook(heads: Sequence[int], mode: Literal["mean", "zero"] = "mean") -> Any:
     """A ``hook_z`` function that replaces ``heads``' outputs by zero or their mean over
     batch and positions."""
     def fn(z: torch.Tensor, hook: Any = None) -> torch.Tensor:
@@ -377,7 +377,7 @@ def _ablate_hook(heads: Sequence[int], mode: Literal["mean", "zero"] = "mean"):
 
 def _ablated_losses(model: Any, toks: torch.Tensor, heads: dict[int, list[int]], o: int,
                     half: int) -> tuple[float, float]:
-    inject = {f"blocks.{l}.attn.hook_z": _ablate_hook(hs) for l, hs in heads.items()}
+    inject = {f"blocks.{l}.attn.hook_z": ablation_hook(hs) for l, hs in heads.items()}
     with torch.no_grad():
         logits = run_hooked(model, toks, ["logits"], inject, stop_early=False)["logits"]
     return _half_losses(logits, toks, o, half)
@@ -572,7 +572,7 @@ class InductionEmergence(Result):
         return fig
 
 
-def _stays_from(flags: Sequence[bool], steps: Sequence[int]) -> int | None:
+def stays_from(flags: Sequence[bool], steps: Sequence[int]) -> int | None:
     """The first step from which every later flag is true (None when the last is false)."""
     at = None
     for s, ok in zip(steps, flags):
@@ -617,6 +617,6 @@ def induction_emergence(
     return InductionEmergence(
         steps=tuple(done), induction=ind_t, previous_token=torch.stack(prev), loss_first=lf_t,
         loss_second=ls_t, threshold=float(threshold), min_gain=float(min_gain),
-        emerged_at=_stays_from((ind_t.flatten(1).amax(1) >= threshold).tolist(), done),
-        loss_drop_at=_stays_from(((lf_t - ls_t) >= min_gain).tolist(), done),
+        emerged_at=stays_from((ind_t.flatten(1).amax(1) >= threshold).tolist(), done),
+        loss_drop_at=stays_from(((lf_t - ls_t) >= min_gain).tolist(), done),
     )

@@ -28,7 +28,7 @@ from jaxtyping import Bool, Float
 
 from .core import activations, extractor, progress_bar
 from .errors import InputError
-from .induction import _ablate_hook, _stays_from, composition_scores, pair_composition
+from .induction import ablation_hook, composition_scores, pair_composition, stays_from
 from .inputs import check_finite, check_pattern, checkpoint_list, head_name, materialise, to_tokens
 from .models import str_tokens
 from .results import Result, Table
@@ -39,22 +39,9 @@ from .views import View, attention_heads, escape, figure_view
 
 # ruff: noqa: F722  (jaxtyping shape strings such as "layer head hop" are not Python expressions)
 
-__all__ = [
-    "HopScores",
-    "hop_scores",
-    "StackEntry",
-    "StackedHeads",
-    "stacked_heads",
-    "Emergence",
-    "emergence",
-    "DepthStudy",
-    "depth_study",
-    "load_depth_study",
-    "query_accuracy",
-    "k_composition",
-    "composition",
-    "query_reads",
-]
+__all__ = ["HopScores", "hop_scores", "StackEntry", "StackedHeads", "stacked_heads", "Emergence", "emergence",
+           "DepthStudy", "depth_study", "load_depth_study", "query_accuracy", "k_composition", "composition",
+           "query_reads"]
 
 BASELINES = ("previous", "same_token", "bos", "self")
 Target = Literal["statement", "rhs", "lhs"]
@@ -711,7 +698,7 @@ def _stack_compositions(model: Any, stack: Sequence[StackEntry]) -> tuple[dict[s
 
 def _ablated_accuracy(model: Any, batch: Batch, layer: int, head: int, mode: str) -> dict[int, float]:
     """Accuracy per difficulty with head (layer, head)'s ``hook_z`` zero- or mean-ablated."""
-    with model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_z", _ablate_hook([head], mode))]):
+    with model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_z", ablation_hook([head], mode))]):
         return evaluate(model, batch).accuracy
 
 
@@ -909,7 +896,7 @@ def _loss_drops(loss: torch.Tensor, steps: Sequence[int], diffs: Sequence[int],
         # the plateau: an untrained model's first loss (~log vocab) falls within a few
         # steps to guessing among the values in context; the drop that matters is below that
         ref = float(loss[1:, n].max()) if len(steps) > 1 else float(loss[0, n])
-        at = _stays_from([v <= drop_fraction * ref for v in loss[:, n].tolist()], steps)
+        at = stays_from([v <= drop_fraction * ref for v in loss[:, n].tolist()], steps)
         if at is not None:
             drop[d] = at
     return drop
@@ -958,7 +945,7 @@ def emergence(
     steps = [s for s, _ in pairs]
     emerged = {}
     for l, h in ((l, h) for l in range(L) for h in range(H)):
-        at = _stays_from((role[:, l, h] >= threshold).tolist(), steps)
+        at = stays_from((role[:, l, h] >= threshold).tolist(), steps)
         if at is not None:
             emerged[head_name(l, h)] = at
     order = sorted(emerged, key=lambda n: (emerged[n], n))

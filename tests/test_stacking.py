@@ -187,8 +187,8 @@ def _between_scripts(page: str) -> str:
 
 def test_stays_from_and_emergence_on_known_sequence(task, batch):
     steps = [0, 1, 2, 3, 4]
-    assert stacking._stays_from([v >= 0.3 for v in [0.1, 0.5, 0.2, 0.6, 0.7]], steps) == 3
-    assert stacking._stays_from([v >= 0.3 for v in [0.1, 0.2, 0.2, 0.1, 0.2]], steps) is None
+    assert stacking.stays_from([v >= 0.3 for v in [0.1, 0.5, 0.2, 0.6, 0.7]], steps) == 3
+    assert stacking.stays_from([v >= 0.3 for v in [0.1, 0.2, 0.2, 0.1, 0.2]], steps) is None
     # loss drops below half its plateau (largest loss after the first checkpoint) for good
     loss = torch.tensor([[3.0, 3.0], [1.0, 1.2], [0.9, 0.5], [0.4, 0.7], [0.3, 0.2]])
     assert stacking._loss_drops(loss, steps, [1, 2], 0.5) == {1: 3, 2: 4}
