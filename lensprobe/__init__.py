@@ -40,8 +40,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "coupling": ("CouplingTracker", "block_jacobians", "coupling", "coupling_metric",
                  "coupling_through_training", "trajectory_metrics"),
     # 4. stacked attention heads and the retrieval problem (Musat 2025)
-    "stacking": ("DepthStudy", "Emergence", "StackedHeads", "depth_study", "emergence",
-                 "hop_scores", "load_depth_study", "query_accuracy", "stacked_heads"),
+    "stacking": ("DepthStudy", "Emergence", "HopScores", "StackEntry", "StackedHeads", "depth_study",
+                 "emergence", "hop_scores", "load_depth_study", "query_accuracy", "stacked_heads"),
     # 5. hard retrieval over the token-priority graph (Li et al. 2024)
     "priority": ("AlignmentCurve", "GraphSVM", "InfeasibleError", "PriorityAlignment",
                  "Retrieval", "TokenPriorityGraph", "alignment_curve", "graph_svm", "head_W",
@@ -127,8 +127,8 @@ if TYPE_CHECKING:  # pragma: no cover  (re-exports for type checkers and IDEs)
         dominance, flip_ln_gamma, ov_spectrum, sign_controlled, smoothing_profile,
     )
     from .stacking import (
-        DepthStudy, Emergence, StackedHeads, depth_study, emergence, hop_scores,
-        load_depth_study, query_accuracy, stacked_heads,
+        DepthStudy, Emergence, HopScores, StackEntry, StackedHeads, depth_study, emergence,
+        hop_scores, load_depth_study, query_accuracy, stacked_heads,
     )
     from .induction import InductionEmergence, InductionHeads, induction_emergence, induction_heads
     from .sweep import sweep
