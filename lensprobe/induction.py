@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from . import _tl
 from .core import guard, progress_bar, run_hooked
 from .errors import InputError
 from .inputs import check_finite, model_device
@@ -77,9 +78,7 @@ def repeated_tokens(model: Any, half: int = 100, batch: int = 16, *, seed: int =
 
 
 def _ln1_gain(model: Any, layer: int) -> torch.Tensor | None:
-    from .smoothing import _norm_scale
-
-    g = _norm_scale(model, layer, "ln1")
+    g = _tl.norm_scale(model, layer, "ln1")
     return None if g is None else g.detach()
 
 
