@@ -971,13 +971,8 @@ def _linfit(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @extractor
-def trajectory_metrics(
-    model: Any,
-    tokens: Tokens | None = None,
-    *,
-    hooks: str | Sequence[str] | Callable[[str], bool] | None = None,
-    cache: Any = None,
-) -> TrajectoryMetrics:
+def trajectory_metrics(model: Any, tokens: Tokens | None = None, *, cache: Any = None,
+                       hooks: str | Sequence[str] | Callable[[str], bool] | None = None) -> TrajectoryMetrics:
     """Line-shape score, norm growth and step-ratio regularity of every token's path.
 
     Aubry et al., "Transformer Block Coupling and its Correlation with Generalization in

@@ -277,11 +277,13 @@ class _HeadsAndSum:
 def _heads_and_sum(layers: Sequence[int], n_heads: int, has_sum: bool, cells: list[list[dict]]) -> Table:
     """A (layer, head) table whose last "head" is the layer's head sum (head <NA>, kind
     'layer') when ``has_sum``; ``cells[i][u]`` holds the columns of layer i, unit u."""
+    import numpy as np
     import pandas as pd
 
     units = list(range(n_heads)) + ([pd.NA] if has_sum else [])
     cols: dict[str, Any] = {"kind": (("head",), ["head"] * n_heads + ["layer"] * has_sum)}
-    cols.update({c: (("layer", "head"), [[cell[c] for cell in row] for row in cells]) for c in cells[0][0]})
+    cols.update({c: (("layer", "head"), np.asarray([[cell[c] for cell in row] for row in cells]))
+                 for c in cells[0][0]})
     return Table({"layer": list(layers), "head": units}, cols)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import math
 import types
-import warnings
 
 import numpy as np
 import pytest
@@ -268,7 +267,7 @@ def test_metric_zero_on_itself_and_near_one_for_independent_gaussians():
     # swapping U and V of a non-symmetric matrix does not give m = 0
     assert float(lp.coupling_metric(J, J, top_k=10, variant="swap")) > 0.5
     ms = []
-    for s in range(3):
+    for _ in range(3):
         A = torch.randn(128, 128, generator=g, dtype=torch.float64)
         B = torch.randn(128, 128, generator=g, dtype=torch.float64)
         ms.append(float(lp.coupling_metric(A, B, top_k=10)))
@@ -459,7 +458,7 @@ def test_trajectory_metrics_match_numpy_loops(tiny):
         got = {}
         with torch.no_grad():
             model.run_with_hooks(toks, fwd_hooks=[(f"blocks.{l}.hook_resid_post",
-                                                   lambda a, hook: got.setdefault("y", a.clone()))])
+                                                   lambda a, hook, got=got: got.setdefault("y", a.clone()))])
         xs.append(got["y"])
     X = torch.stack(xs, 1).numpy()  # [b, L+1, pos, d]
     assert np.allclose(tm.residuals.numpy(), X)
