@@ -607,8 +607,9 @@ class Coupling(Result):
               item axes are named after ``group_axis`` / ``item_axis`` ('pos' or 'layer').
     ks:       the K values (numbers of top singular vectors).
     groups, items: model layers / sequence positions labelling those axes.
-    products: |U_j,K^T J_i V_j,K| for K = max(ks), [prompt, group, item_i, item_j, K, K]
-              (near-diagonal when coupled), kept when asked for.
+    products: |U_j,K^T J_i V_j,K| for K = max(ks), [prompt, group, item_i, item_j, u, v]
+              (u, v: the K left / right singular vectors of J_j; near-diagonal when
+              coupled), kept when asked for.
     jacobians: the :class:`BlockJacobians` they came from (when computed from a model).
     """
 
@@ -627,7 +628,7 @@ class Coupling(Result):
     @property
     def axes(self) -> dict[str, tuple[str, ...]]:
         g, i, j = self.group_axis, f"{self.item_axis}_i", f"{self.item_axis}_j"
-        return {"m": ("variant", "k", "prompt", g, i, j), "products": ("prompt", g, i, j, "k_i", "k_j")}
+        return {"m": ("variant", "k", "prompt", g, i, j), "products": ("prompt", g, i, j, "u", "v")}
 
     def _coords(self) -> dict[str, Sequence[Any]]:
         return {"variant": VARIANTS, "k": self.ks, self.group_axis: self.groups,

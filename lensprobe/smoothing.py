@@ -737,7 +737,7 @@ def dominance(
         )
     attn, mu_hf, lmu_hf = [], [], []
     for i, name in enumerate(tqdm(names, desc="dominance", disable=not progress)):
-        pat = check_pattern(acts[name].detach().to("cpu", torch.float64), f"attention pattern {name!r}")
+        pat = check_pattern(acts[name].detach().to(torch.float64), f"attention pattern {name!r}")
         attn.append(attention_eigenvalues(pat, causal=spec.causal))  # [batch, heads, pos]
         mu_hf.append(_mu(attn[-1], spec.head_eigenvalues[i][None], spec.head_nonzero[i][None])[1])
         if per_layer:
