@@ -37,7 +37,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "smoothing": ("dominance", "flip_ln_gamma", "ov_spectrum", "sign_controlled",
                   "smoothing_profile"),
     # 3. transformer block coupling (Aubry et al. 2025)
-    "coupling": ("CouplingTracker", "block_jacobians", "coupling", "coupling_metric",
+    "coupling": ("CouplingTracker", "block_coupling", "block_jacobians", "coupling_metric",
                  "coupling_through_training", "trajectory_metrics"),
     # 4. stacked attention heads and the retrieval problem (Musat 2025)
     "stacking": ("DepthStudy", "Emergence", "HopScores", "StackEntry", "StackedHeads", "depth_study",
@@ -83,15 +83,15 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-#: Public names that are also submodule names (``lp.coupling`` is the function).
+#: Public names that are also submodule names (``lp.sweep`` is the function).
 _SHADOWED = frozenset(n for n in _ORIGIN if n in _EXPORTS)
 
 
 class _Package(types.ModuleType):
-    """lensprobe's module type: keeps ``lp.coupling`` the function once ``lensprobe.coupling``
+    """lensprobe's module type: keeps ``lp.sweep`` the function once ``lensprobe.sweep``
     (the submodule) is imported, which makes the import system set the package attribute
     of that name to the submodule. The submodule stays in ``sys.modules``, so
-    ``from lensprobe.coupling import ...`` works as before."""
+    ``from lensprobe.sweep import ...`` works as before."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _SHADOWED and isinstance(value, types.ModuleType):
@@ -112,7 +112,7 @@ if TYPE_CHECKING:  # pragma: no cover  (re-exports for type checkers and IDEs)
     from ._tl import BACKEND, TL_VERSION
     from .core import guard, hooked_fn, jacobian, jvp_cols, run_hooked, vjp_rows
     from .coupling import (
-        CouplingTracker, block_jacobians, coupling, coupling_metric, coupling_through_training,
+        CouplingTracker, block_coupling, block_jacobians, coupling_metric, coupling_through_training,
         trajectory_metrics,
     )
     from .inputs import to_tokens

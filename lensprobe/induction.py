@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from jaxtyping import Float, Int
 
+from . import _tl
 from .core import extractor, guard, progress_bar, run_hooked
 from .errors import InputError
 from .inputs import check_finite, checkpoint_list, head_name, materialise, model_device
@@ -90,12 +91,7 @@ def _tl_composition_scores() -> Any:
 
 def _ln1_gains(model: Any) -> torch.Tensor | None:
     """[L, d] the gain of every layer's ln1 (None when a layer has none, or it is folded)."""
-    try:
-        from ._tl import norm_scale  # the backend helper, once it lives in _tl (issue 14)
-    except ImportError:
-        from .smoothing import _norm_scale as norm_scale
-
-    gains = [norm_scale(model, l, "ln1") for l in range(model.cfg.n_layers)]
+    gains = [_tl.norm_scale(model, l, "ln1") for l in range(model.cfg.n_layers)]
     if any(g is None for g in gains):
         return None
     return torch.stack([g.detach().double().cpu() for g in gains])

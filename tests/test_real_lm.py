@@ -326,14 +326,14 @@ def test_coupling_at_the_last_checkpoint_exceeds_init(trained, init, prompts):
             p.requires_grad_(False)
         J = [_plain_same_token_jacobian(model, toks, l, 47) for l in range(model.cfg.n_layers)]
         plain[name] = _plain_coupling(J, k)
-        got = lp.coupling(model, toks, k=k, progress=False).scalar(k)
+        got = lp.block_coupling(model, toks, top_k=k, progress=False).scalar(k)
         assert got == pytest.approx(plain[name], abs=2e-3)
     # small but consistent: higher after training on every held-out prompt tried
     assert plain["trained"] > plain["init"] + 0.01
     for i in (3, 6):
         toks = prompts[i:i + 1, :48]
-        assert lp.coupling(trained, toks, k=k, progress=False).scalar(k) > \
-            lp.coupling(init, toks, k=k, progress=False).scalar(k)
+        assert lp.block_coupling(trained, toks, top_k=k, progress=False).scalar(k) > \
+            lp.block_coupling(init, toks, top_k=k, progress=False).scalar(k)
 
 
 def test_shipped_findings_belong_to_the_shipped_model(trained):

@@ -85,7 +85,7 @@ def test_spec_grammar_and_trajectory_expansion(monkeypatch, tmp_path):
 
 def test_summary_of_result_objects_dicts_and_numbers(tiny):
     model = tiny()
-    coup = lp.coupling(model, TOKENS[:2], k=K, progress=False)
+    coup = lp.block_coupling(model, TOKENS[:2], top_k=K, progress=False)
     s = summarise(coup)
     df = coup.to_dataframe()
     assert s["scalars"]["scalar"] == pytest.approx(coup.scalar(), abs=1e-12)
@@ -112,7 +112,7 @@ def test_coupling_and_loss_against_a_plain_loop(tiny, fingerprint):
         logp = model(TOKENS[:2]).log_softmax(-1)
     nll = [-float(logp[b, t, TOKENS[b, t + 1]]) for b in range(2) for t in range(7)]
     assert got["heldout_loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-10)
-    assert got["coupling"] == pytest.approx(lp.coupling(model, TOKENS[:2], k=K).scalar(), abs=1e-12)
+    assert got["coupling"] == pytest.approx(lp.block_coupling(model, TOKENS[:2], top_k=K).scalar(), abs=1e-12)
     texts = heldout_passages()
     assert len(texts) >= 4 and all(len(t) > 300 for t in texts)
 
@@ -126,7 +126,7 @@ def test_serial_matches_direct_calls_per_spec_and_shard(serial, specs):
     for spec in specs:
         model = _direct(spec)
         for shard, rows in ((0, TOKENS[:2]), (1, TOKENS[2:])):
-            want = lp.coupling(model, rows, k=K, progress=False)
+            want = lp.block_coupling(model, rows, top_k=K, progress=False)
             row = serial[(serial["spec"].str.startswith(spec)) & (serial["shard"] == shard)].iloc[0]
             if model.cfg.n_layers == 1:  # zoo:priority: no layer pair, no off-diagonal mean
                 assert row["scalar"] is None or row["scalar"] != row["scalar"]  # null/NaN
@@ -184,7 +184,7 @@ def test_restarted_sweep_skips_finished_keys(specs, tmp_path):
 def test_report_section_and_named_analysis(specs):
     df = lp.sweep("report:coupling", specs[:1], TOKENS[:2], progress=False)
     assert df["status"].tolist() == ["ok"], df["error"].tolist()
-    want = lp.coupling(_direct(specs[0]), TOKENS[:2], progress=False).scalar()
+    want = lp.block_coupling(_direct(specs[0]), TOKENS[:2], progress=False).scalar()
     assert df["mean_offdiag_coupling"].iloc[0] == pytest.approx(want, abs=1e-9)
     with pytest.raises(lp.InputError, match="no public lensprobe analysis"):
         lp.sweep("not_an_analysis", specs[:1], TOKENS)
@@ -213,7 +213,7 @@ def test_cli_sweep_in_a_fresh_process_never_imports_ray(specs, tmp_path):
     rows = read_results(tmp_path)
     assert [r["analysis"] for r in rows] == [f"coupling(k={K})"] * 2
     model = lp.load_model(gpt2)
-    want = lp.coupling(model, lp.to_tokens(model, "w5 w6 w7 w8 w9"), k=K, progress=False)
+    want = lp.block_coupling(model, lp.to_tokens(model, "w5 w6 w7 w8 w9"), top_k=K, progress=False)
     assert rows[1]["scalars"]["scalar"] == pytest.approx(want.scalar(), abs=1e-6)
 
 
@@ -270,7 +270,7 @@ def kill_once(model, tokens, *, log_dir):
     try:
         os.close(os.open(log / "killed", os.O_CREAT | os.O_EXCL))
     except FileExistsError:
-        return {"coupling": lp.coupling(model, tokens, k=K, progress=False).scalar()}
+        return {"coupling": lp.block_coupling(model, tokens, top_k=K, progress=False).scalar()}
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -308,6 +308,6 @@ def test_functions_using_the_package_pickle_for_workers():
     assert pickle.loads(pickle.dumps(lp)) is lp
 
     def uses_lp(model, tokens):
-        return lp.coupling(model, tokens)
+        return lp.block_coupling(model, tokens)
 
     assert cloudpickle.loads(cloudpickle.dumps(uses_lp)).__globals__["lp"] is lp
