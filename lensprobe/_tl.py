@@ -26,9 +26,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-import sys
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
 from typing import Any
