@@ -139,33 +139,43 @@ def _entry(s) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
 
 
-def ship(config: str, name: str, seeds: list[int], workdir: str) -> dict:
-    """Train ``config`` once per seed (emergence checkpoints kept), copy seed ``seeds[0]``'s
-    model to ``lensprobe/zoo/<name>.safetensors`` and write its card ``<name>.json``: the
-    configuration, accuracy per hop count, stack, ablations and the emergence of every seed."""
+def ship(config: str, name: str, seeds: list[int], runs_path: str, workdir: str) -> dict:
+    """Ship the ``seeds[0]`` run of ``config`` as ``lensprobe/zoo/<name>.safetensors`` with its
+    card ``<name>.json``: the configuration, and per seed the record of its run (``--run
+    CONFIG --seed S --save WORKDIR`` first: accuracy per hop count, emergence) with the
+    stack and head ablations measured here on the saved model."""
     zoo = Path(lp.__file__).parent / "zoo"
+    recs = {r["seed"]: r for r in map(json.loads, Path(runs_path).read_text().splitlines())
+            if r.get("name") == config}
+    missing = [s for s in seeds if s not in recs]
+    if missing:
+        raise SystemExit(f"no record of {config} for seeds {missing} in {runs_path}; run them first.")
+    task = RetrievalTask(**CONFIGS[config]["task"])
+    fresh = task.sample(2048, torch.Generator().manual_seed(123_456))
+    probe = task.sample(256, torch.Generator().manual_seed(99))
     runs = []
     for seed in seeds:
-        t0 = time.perf_counter()
-        rec = run(config, CONFIGS[config], seed=seed, save=workdir)
-        rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        model = lp.load_checkpoint(Path(workdir) / f"{config}_s{seed}.safetensors")
+        st = lp.stacked_heads(model, probe)
+        rec = {k: recs[seed][k] for k in ("seed", "steps", "seconds", "literal_guess", "emergence", "history")
+               if k in recs[seed]}
+        rec.update(query_accuracy=lp.query_accuracy(model, fresh), stack=[_entry(s) for s in st.stack],
+                   increasing=st.increasing, hop_profile=st.hop_profile, clean_accuracy=st.clean_accuracy,
+                   ablation=st.ablation)
         runs.append(rec)
-        print(json.dumps({k: rec[k] for k in ("seed", "steps", "seconds", "query_accuracy")}), flush=True)
     shutil.copy(Path(workdir) / f"{config}_s{seeds[0]}.safetensors", zoo / f"{name}.safetensors")
     cfg = CONFIGS[config]
     card = dict(
         name=name, script="scripts/logdepth_experiments.py", config_name=config,
         paper="Musat, Mechanism and Emergence of Stacked Attention Heads in Multi-Layer Transformers (ICLR 2025)",
-        seed=seeds[0], task=runs[0]["task"], seq_len=runs[0]["seq_len"],
-        model=dict(BASE_MODEL, **cfg["model"]), train=dict(BASE_TRAIN, **cfg["train"], steps_max=cfg["steps"],
-                                                           stop_at_accuracy=0.98),
-        backend=f"{lp.BACKEND} (transformer-lens {lp.TL_VERSION})", threads=torch.get_num_threads(),
+        seed=seeds[0], task=task.config(), seq_len=task.seq_len,
+        model=dict(BASE_MODEL, **cfg["model"]),
+        train=dict(BASE_TRAIN, **cfg["train"], steps_max=cfg["steps"], seconds_max=cfg["seconds"],
+                   stop_at_accuracy=0.98),
+        backend=f"{lp.BACKEND} (transformer-lens {lp.TL_VERSION})", threads=1,
         eval="query accuracy per main-chain length D on a fresh batch of 2048 (generator seed 123456);"
-             " stack and ablations on 256 sequences (seed 99)",
-        search="lensprobe/zoo/results/logdepth_search.json",
-        runs=[{k: r[k] for k in ("seed", "steps", "seconds", "query_accuracy", "literal_guess", "stack",
-                                 "increasing", "clean_accuracy", "ablation", "emergence") if k in r}
-              for r in runs],
+             " stack and ablations (mean-ablated hook_z) on 256 sequences (seed 99)",
+        search="lensprobe/zoo/results/logdepth_search.json", runs=runs,
     )
     (zoo / f"{name}.json").write_text(json.dumps(card, indent=1) + "\n")
     return card
@@ -203,7 +213,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="override every step cap (smoke tests)")
     ap.add_argument("--ship", default=None, metavar="NAME",
-                    help="train --run's single config for every --seeds and ship seed 0 as lp.zoo NAME")
+                    help="ship the saved --run CONFIG runs of --seeds (first one's model) as lp.zoo NAME")
     ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()
     if args.list:
@@ -211,7 +221,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     if args.ship:
-        ship(args.run, args.ship, [int(v) for v in args.seeds.split(",")], args.save or "logs/ship")
+        ship(args.run, args.ship, [int(v) for v in args.seeds.split(",")], args.out, args.save or "logs/ckpt")
         return
     for name in [n for n in args.run.split(",") if n]:
         t0 = time.perf_counter()
