@@ -30,7 +30,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "core": ("guard", "hooked_fn", "jacobian", "jvp_cols", "run_hooked", "vjp_rows"),
     "inputs": ("to_tokens",),
     "models": ("load_checkpoint", "load_model", "save_checkpoint", "tiny_model", "word_tokenizer"),
-    "training": ("TrainResult", "evaluate", "train"),
+    "training": ("TrainConfig", "TrainResult", "evaluate", "train"),
     # 1. over-squashing and representational collapse (Barbero et al. 2024)
     "oversquash": ("collapse_curve", "path_bound", "sensitivity"),
     # 2. OV eigenspectra and smoothing (Dovonon et al. 2025)
@@ -132,4 +132,4 @@ if TYPE_CHECKING:  # pragma: no cover  (re-exports for type checkers and IDEs)
     )
     from .induction import InductionEmergence, InductionHeads, induction_emergence, induction_heads
     from .sweep import sweep
-    from .training import TrainResult, evaluate, train
+    from .training import TrainConfig, TrainResult, evaluate, train
