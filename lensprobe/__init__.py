@@ -51,7 +51,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "induction": ("InductionEmergence", "InductionHeads", "induction_emergence",
                   "induction_heads"),
     # many models x prompt shards, serial or on Ray (optional extra)
-    "sweep": ("sweep",),
+    "sweep": ("run_sweep",),
 }
 _SUBMODULES = ("tasks", "views", "zoo")
 _ORIGIN: dict[str, str] = {name: mod for mod, names in _EXPORTS.items() for name in names}
@@ -83,20 +83,9 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-#: Public names that are also submodule names (``lp.coupling`` is the function).
-_SHADOWED = frozenset(n for n in _ORIGIN if n in _EXPORTS)
-
-
 class _Package(types.ModuleType):
-    """lensprobe's module type: keeps ``lp.coupling`` the function once ``lensprobe.coupling``
-    (the submodule) is imported, which makes the import system set the package attribute
-    of that name to the submodule. The submodule stays in ``sys.modules``, so
-    ``from lensprobe.coupling import ...`` works as before."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SHADOWED and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
+    """lensprobe's module type (no public name is also a submodule name, so
+    ``import lensprobe.sweep`` gives the module and ``lp.run_sweep`` the function)."""
 
     def __reduce__(self) -> tuple:
         # pickled by reference, like a plain module in cloudpickle: a function that uses
@@ -131,5 +120,5 @@ if TYPE_CHECKING:  # pragma: no cover  (re-exports for type checkers and IDEs)
         load_depth_study, query_accuracy, stacked_heads,
     )
     from .induction import InductionEmergence, InductionHeads, induction_emergence, induction_heads
-    from .sweep import sweep
+    from .sweep import run_sweep
     from .training import TrainConfig, TrainResult, evaluate, train

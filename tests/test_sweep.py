@@ -1,4 +1,4 @@
-"""lp.sweep: serial and Ray engines over model specs x prompt shards, results that survive.
+"""lp.run_sweep: serial and Ray engines over model specs x prompt shards, results that survive.
 
 The Ray tests share one local runtime (``ray.init(num_cpus=2, ...)``, module scope) to
 keep worker start-ups (each imports torch and TransformerLens) to a minimum.
@@ -62,7 +62,7 @@ def _direct(spec: str):
 @pytest.fixture(scope="module")
 def serial(specs, tmp_path_factory):
     out = tmp_path_factory.mktemp("serial")
-    return lp.sweep("coupling", specs, TOKENS, shards=2, results=out, progress=False, k=K)
+    return lp.run_sweep("block_coupling", specs, TOKENS, shards=2, results=out, progress=False, k=K)
 
 
 # --------------------------------------------------------------------------- specs, summaries
@@ -85,7 +85,7 @@ def test_spec_grammar_and_trajectory_expansion(monkeypatch, tmp_path):
 
 def test_summary_of_result_objects_dicts_and_numbers(tiny):
     model = tiny()
-    coup = lp.coupling(model, TOKENS[:2], k=K, progress=False)
+    coup = lp.block_coupling(model, TOKENS[:2], k=K, progress=False)
     s = summarise(coup)
     df = coup.to_dataframe()
     assert s["scalars"]["scalar"] == pytest.approx(coup.scalar(), abs=1e-12)
@@ -112,7 +112,7 @@ def test_coupling_and_loss_against_a_plain_loop(tiny, fingerprint):
         logp = model(TOKENS[:2]).log_softmax(-1)
     nll = [-float(logp[b, t, TOKENS[b, t + 1]]) for b in range(2) for t in range(7)]
     assert got["heldout_loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-10)
-    assert got["coupling"] == pytest.approx(lp.coupling(model, TOKENS[:2], k=K).scalar(), abs=1e-12)
+    assert got["coupling"] == pytest.approx(lp.block_coupling(model, TOKENS[:2], k=K).scalar(), abs=1e-12)
     texts = heldout_passages()
     assert len(texts) >= 4 and all(len(t) > 300 for t in texts)
 
@@ -126,7 +126,7 @@ def test_serial_matches_direct_calls_per_spec_and_shard(serial, specs):
     for spec in specs:
         model = _direct(spec)
         for shard, rows in ((0, TOKENS[:2]), (1, TOKENS[2:])):
-            want = lp.coupling(model, rows, k=K, progress=False)
+            want = lp.block_coupling(model, rows, k=K, progress=False)
             row = serial[(serial["spec"].str.startswith(spec)) & (serial["shard"] == shard)].iloc[0]
             if model.cfg.n_layers == 1:  # zoo:priority: no layer pair, no off-diagonal mean
                 assert row["scalar"] is None or row["scalar"] != row["scalar"]  # null/NaN
@@ -144,7 +144,7 @@ def test_failures_are_recorded_and_the_rest_finish(specs, tmp_path):
             raise ValueError("deliberate failure")
         return {"n": model.cfg.n_layers}
 
-    df = lp.sweep(boom, [specs[0], specs[1], str(tmp_path / "missing.safetensors"), "zoo:nosuch"],
+    df = lp.run_sweep(boom, [specs[0], specs[1], str(tmp_path / "missing.safetensors"), "zoo:nosuch"],
                   TOKENS, progress=False)
     assert df["status"].tolist() == ["ok", "error", "error", "error"]
     assert df["n"].iloc[0] == 2
@@ -161,7 +161,7 @@ def test_restarted_sweep_skips_finished_keys(specs, tmp_path):
         calls.append(tokens[0].tolist())
         return {"first": int(tokens[0, 0])}
 
-    run = lambda prompts=TOKENS: lp.sweep(count, specs[:2], prompts, shards=2, results=tmp_path,
+    run = lambda prompts=TOKENS: lp.run_sweep(count, specs[:2], prompts, shards=2, results=tmp_path,
                                           progress=False)
     first = run()
     assert len(calls) == 4
@@ -182,26 +182,26 @@ def test_restarted_sweep_skips_finished_keys(specs, tmp_path):
 
 
 def test_report_section_and_named_analysis(specs):
-    df = lp.sweep("report:coupling", specs[:1], TOKENS[:2], progress=False)
+    df = lp.run_sweep("report:coupling", specs[:1], TOKENS[:2], progress=False)
     assert df["status"].tolist() == ["ok"], df["error"].tolist()
-    want = lp.coupling(_direct(specs[0]), TOKENS[:2], progress=False).scalar()
+    want = lp.block_coupling(_direct(specs[0]), TOKENS[:2], progress=False).scalar()
     assert df["mean_offdiag_coupling"].iloc[0] == pytest.approx(want, abs=1e-9)
     with pytest.raises(lp.InputError, match="no public lensprobe analysis"):
-        lp.sweep("not_an_analysis", specs[:1], TOKENS)
+        lp.run_sweep("not_an_analysis", specs[:1], TOKENS)
     with pytest.raises(lp.InputError, match="shards=5 but only 4 prompts"):
-        lp.sweep("coupling", specs[:1], TOKENS, shards=5)
+        lp.run_sweep("block_coupling", specs[:1], TOKENS, shards=5)
 
 
 def test_ray_missing_gives_install_hint(monkeypatch, specs):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(lp.InputError, match=r"pip install lensprobe\[ray\]"):
-        lp.sweep("coupling", specs[:1], TOKENS, engine="ray")
+        lp.run_sweep("block_coupling", specs[:1], TOKENS, engine="ray")
 
 
 def test_cli_sweep_in_a_fresh_process_never_imports_ray(specs, tmp_path):
     gpt2 = specs[3]
     code = ("import sys; from lensprobe.cli import main;"
-            f" rc = main(['sweep', 'coupling', '--model', {gpt2!r}, '--shards', '2',"
+            f" rc = main(['sweep', 'block_coupling', '--model', {gpt2!r}, '--shards', '2',"
             f" '--kw', 'k={K}', '--out', {str(tmp_path)!r}, '--quiet',"
             " '--prompt', 'w1 w2 w3 w4', '--prompt', 'w5 w6 w7 w8 w9']);"
             " print('RAY', 'ray' in sys.modules, 'RC', rc)")
@@ -211,9 +211,9 @@ def test_cli_sweep_in_a_fresh_process_never_imports_ray(specs, tmp_path):
     assert "RAY False RC 0" in out.stdout, out.stdout + out.stderr
     assert "2 tasks (2 ran, 0 skipped, 0 failed)" in out.stdout
     rows = read_results(tmp_path)
-    assert [r["analysis"] for r in rows] == [f"coupling(k={K})"] * 2
+    assert [r["analysis"] for r in rows] == [f"block_coupling(k={K})"] * 2
     model = lp.load_model(gpt2)
-    want = lp.coupling(model, lp.to_tokens(model, "w5 w6 w7 w8 w9"), k=K, progress=False)
+    want = lp.block_coupling(model, lp.to_tokens(model, "w5 w6 w7 w8 w9"), k=K, progress=False)
     assert rows[1]["scalars"]["scalar"] == pytest.approx(want.scalar(), abs=1e-6)
 
 
@@ -244,7 +244,7 @@ def ray_runtime():
 
 def test_ray_matches_serial_and_records_a_missing_spec(ray_runtime, serial, specs, tmp_path):
     missing = str(tmp_path / "no-such-model")
-    df = lp.sweep("coupling", specs + [missing], TOKENS, shards=2, engine="ray",
+    df = lp.run_sweep("block_coupling", specs + [missing], TOKENS, shards=2, engine="ray",
                   results=tmp_path / "out", progress=False, k=K)
     assert len(df) == 10
     bad = df[df["model"] == missing]
@@ -270,13 +270,13 @@ def kill_once(model, tokens, *, log_dir):
     try:
         os.close(os.open(log / "killed", os.O_CREAT | os.O_EXCL))
     except FileExistsError:
-        return {"coupling": lp.coupling(model, tokens, k=K, progress=False).scalar()}
+        return {"coupling": lp.block_coupling(model, tokens, k=K, progress=False).scalar()}
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_ray_retries_a_killed_worker_and_restart_skips(ray_runtime, serial, specs, tmp_path):
     out = tmp_path / "out"
-    run = lambda: lp.sweep(kill_once, specs[:2], TOKENS, shards=2, engine="ray", results=out,
+    run = lambda: lp.run_sweep(kill_once, specs[:2], TOKENS, shards=2, engine="ray", results=out,
                            max_retries=2, progress=False, log_dir=str(tmp_path))
     df = run()
     assert (tmp_path / "killed").exists()
@@ -308,6 +308,17 @@ def test_functions_using_the_package_pickle_for_workers():
     assert pickle.loads(pickle.dumps(lp)) is lp
 
     def uses_lp(model, tokens):
-        return lp.coupling(model, tokens)
+        return lp.block_coupling(model, tokens)
 
     assert cloudpickle.loads(cloudpickle.dumps(uses_lp)).__globals__["lp"] is lp
+
+
+def test_the_module_is_not_shadowed_by_the_function():
+    import importlib
+    import types
+
+    mod = importlib.import_module("lensprobe.sweep")
+    import lensprobe.sweep
+
+    assert isinstance(lp.sweep, types.ModuleType) and lp.sweep is mod is lensprobe.sweep
+    assert lp.run_sweep is mod.run_sweep and callable(lp.run_sweep)
