@@ -129,13 +129,16 @@ def _text_ids(model: Any, text: str | Sequence[str], prepend_bos: bool | None) -
 
 def _id_tensor(tokens: Any) -> torch.Tensor:
     """Token ids (a tensor or nested list, [pos] or [batch, pos]) as a 2-D integer tensor."""
-    try:
-        toks = tokens if isinstance(tokens, torch.Tensor) else torch.as_tensor(tokens)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise InputError(
-            f"cannot read tokens of type {type(tokens).__name__}: {e}. Pass a tensor"
-            " [batch, pos] of token ids, a list of ids, or text."
-        ) from e
+    if isinstance(tokens, torch.Tensor):
+        toks = tokens
+    else:
+        try:
+            toks = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InputError(
+                f"cannot read tokens of type {type(tokens).__name__}: {e}. Pass a tensor"
+                " [batch, pos] of token ids, a list of ids, or text."
+            ) from e
     if toks.numel() == 0:
         raise InputError(
             f"empty input: tokens have shape {tuple(toks.shape)}; pass at least one token."
