@@ -4,7 +4,7 @@ Task: J^l_tt for every layer and every position of a random GPT-style model (d 2
 6 layers, 8 heads, d_mlp 1024, n 64, float32), plus the depth-wise coupling matrices of
 every position at K = 10, 30, 50.
 
-* lensprobe: ``lp.coupling(model, tokens, positions='all', k=(10, 30, 50))`` -- the
+* lensprobe: ``lp.block_coupling(model, tokens, positions='all', top_k=(10, 30, 50))`` -- the
   separable same-token Jacobians (d batched backward passes per layer for all positions)
   and batched SVD / pairwise products.
 * baseline (the reference method, written plainly here): per (layer, t) one forward and
@@ -106,7 +106,7 @@ def worker_fast(cfg):
     model, toks = make(**cfg)
     r0 = current_rss_mb()
     t0 = time.perf_counter()
-    c = lp.coupling(model, toks, positions="all", k=KS, keep_products=False, progress=False,
+    c = lp.block_coupling(model, toks, positions="all", top_k=KS, keep_products=False, progress=False,
                     max_memory_mb=cfg.get("max_memory_mb", 32))
     sec = time.perf_counter() - t0
     out = dict(seconds=sec, peak_growth_mb=rss_mb() - r0, method=c.jacobians.method)
@@ -145,7 +145,7 @@ def worker_cost(cfg):
     """Fast-method seconds, plus the reference's per-(layer, t) Jacobian seconds."""
     model, toks = make(**cfg)
     t0 = time.perf_counter()
-    lp.coupling(model, toks, positions="all", k=cfg["k"], keep_products=False, progress=False,
+    lp.block_coupling(model, toks, positions="all", top_k=cfg["k"], keep_products=False, progress=False,
                 max_memory_mb=64)
     fast = time.perf_counter() - t0
     times = []
@@ -169,7 +169,7 @@ def worker_gpt2(cfg):
                              max_memory_mb=512)
     sec = time.perf_counter() - t0
     t1 = time.perf_counter()
-    lp.coupling(jac, k=KS, keep_products=False)
+    lp.block_coupling(jac, top_k=KS, keep_products=False)
     coup = time.perf_counter() - t1
     return dict(seconds_timed_layers=sec, timed_layers=len(layers),
                 jac_seconds_extrapolated=sec / len(layers) * cfg["n_layers"],

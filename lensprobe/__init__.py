@@ -32,16 +32,16 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "models": ("load_checkpoint", "load_model", "save_checkpoint", "tiny_model", "word_tokenizer"),
     "training": ("TrainConfig", "TrainResult", "evaluate", "train"),
     # 1. over-squashing and representational collapse (Barbero et al. 2024)
-    "oversquash": ("collapse_curve", "path_bound", "sensitivity"),
+    "oversquash": ("CollapsePair", "collapse_curve", "path_bound", "sensitivity"),
     # 2. OV eigenspectra and smoothing (Dovonon et al. 2025)
     "smoothing": ("dominance", "flip_ln_gamma", "ov_spectrum", "sign_controlled",
                   "smoothing_profile"),
     # 3. transformer block coupling (Aubry et al. 2025)
-    "coupling": ("CouplingTracker", "block_jacobians", "coupling", "coupling_metric",
+    "coupling": ("CouplingTracker", "block_coupling", "block_jacobians", "coupling_metric",
                  "coupling_through_training", "trajectory_metrics"),
     # 4. stacked attention heads and the retrieval problem (Musat 2025)
-    "stacking": ("DepthStudy", "Emergence", "StackedHeads", "depth_study", "emergence",
-                 "hop_scores", "load_depth_study", "query_accuracy", "stacked_heads"),
+    "stacking": ("DepthStudy", "Emergence", "HopScores", "StackEntry", "StackedHeads", "depth_study",
+                 "emergence", "hop_scores", "load_depth_study", "query_accuracy", "stacked_heads"),
     # 5. hard retrieval over the token-priority graph (Li et al. 2024)
     "priority": ("AlignmentCurve", "GraphSVM", "InfeasibleError", "PriorityAlignment",
                  "Retrieval", "TokenPriorityGraph", "alignment_curve", "graph_svm", "head_W",
@@ -101,12 +101,12 @@ if TYPE_CHECKING:  # pragma: no cover  (re-exports for type checkers and IDEs)
     from ._tl import BACKEND, TL_VERSION
     from .core import guard, hooked_fn, jacobian, jvp_cols, run_hooked, vjp_rows
     from .coupling import (
-        CouplingTracker, block_jacobians, coupling, coupling_metric, coupling_through_training,
+        CouplingTracker, block_coupling, block_jacobians, coupling_metric, coupling_through_training,
         trajectory_metrics,
     )
     from .inputs import to_tokens
     from .models import load_checkpoint, load_model, save_checkpoint, tiny_model, word_tokenizer
-    from .oversquash import collapse_curve, path_bound, sensitivity
+    from .oversquash import CollapsePair, collapse_curve, path_bound, sensitivity
     from .priority import (
         AlignmentCurve, GraphSVM, InfeasibleError, PriorityAlignment, Retrieval,
         TokenPriorityGraph, alignment_curve, graph_svm, head_W, priority_alignment,
@@ -116,8 +116,8 @@ if TYPE_CHECKING:  # pragma: no cover  (re-exports for type checkers and IDEs)
         dominance, flip_ln_gamma, ov_spectrum, sign_controlled, smoothing_profile,
     )
     from .stacking import (
-        DepthStudy, Emergence, StackedHeads, depth_study, emergence, hop_scores,
-        load_depth_study, query_accuracy, stacked_heads,
+        DepthStudy, Emergence, HopScores, StackEntry, StackedHeads, depth_study, emergence,
+        hop_scores, load_depth_study, query_accuracy, stacked_heads,
     )
     from .induction import InductionEmergence, InductionHeads, induction_emergence, induction_heads
     from .sweep import run_sweep

@@ -26,9 +26,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-import sys
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
 from typing import Any
@@ -698,3 +698,35 @@ def final_hook(model: Any) -> str:
     if is_bridge(model):
         return "ln_final.hook_out"
     return "ln_final.hook_normalized"
+
+
+def norm_scale(model: Any, layer: int, norm: str = "ln1") -> torch.Tensor | None:
+    """The gamma parameter of block ``layer``'s ``norm``, or None (no norm, or LNPre).
+
+    HookedTransformer calls it ``w``, bridges ``weight``; a bridge in compatibility mode
+    keeps a vector of ones there. The parameter itself, so no_grad writes reach the model.
+    """
+    module = getattr(model.blocks[layer], norm, None)
+    for attr in ("w", "weight"):
+        w = getattr(module, attr, None) if module is not None else None
+        if isinstance(w, torch.Tensor):
+            return w
+    return None
+
+
+def head_weight(model: Any, layer: int, name: str) -> torch.Tensor:
+    """``blocks.{layer}.attn.{name}`` (W_Q/W_K/W_V/W_O/b_V/b_O) as a writable tensor.
+
+    A parameter on HookedTransformer, a view of the linear weight on bridges; anything
+    that does not share a parameter's storage cannot be written and raises ModelError.
+    """
+    attn = model.blocks[layer].attn
+    t = getattr(attn, name, None)
+    storages = {p.untyped_storage().data_ptr() for p in attn.parameters()}
+    if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() not in storages:
+        raise ModelError(
+            f"blocks.{layer}.attn.{name} of this {type(model).__name__} is not a view of a"
+            " parameter, so lensprobe cannot write it; use a model built by lp.tiny_model or"
+            " loaded raw (lp.load_model(..., processed=False))."
+        )
+    return t

@@ -366,7 +366,7 @@ def renamed(**old_to_new: str) -> Callable[[Callable], Callable]:
                 if old in kwargs:
                     if new in kwargs:
                         raise InputError(f"{fn.__name__}: pass {new}= only ({old}= is its old name).")
-                    warnings.warn(f"{fn.__name__}({old}=...) is now {new}=...; the old name will be"
+                    warnings.warn(f"{fn.__qualname__}({old}=...) is now {new}=...; the old name will be"
                                   " removed in lensprobe 0.3.", DeprecationWarning, stacklevel=2)
                     kwargs[new] = kwargs.pop(old)
             return fn(*args, **kwargs)

@@ -18,7 +18,7 @@ injected tensor.
   cross-token Jacobians of a fixed input token (all outputs, forward mode) or a fixed
   output token (all inputs, reverse mode). Exact, batched over prompts, chunked to a
   memory bound with :func:`lensprobe.core.vjp_rows` / :func:`~lensprobe.core.jvp_cols`.
-* :func:`coupling` -- the coupling metric m_K, its trace and U/V-swapped variants and
+* :func:`block_coupling` -- the coupling metric m_K, its trace and U/V-swapped variants and
   coupling = 1 - m^2, depth-wise, token-wise and context-wise, for several K at once.
 * :func:`trajectory_metrics` -- line-shape score, exponential norm growth, step-ratio
   regularity of each token's path through depth.
@@ -50,28 +50,33 @@ e.g. soft-capped scores or normalised q/k) ``method='auto'`` falls back to the
 per-position method with a warning, and ``method='separable'`` raises.
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
 from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import torch
+from jaxtyping import Float, Int
 
 from . import _tl
-from .core import capture_acts, guard, jvp_cols, progress_bar, run_hooked, vjp_rows
+from .core import activations, capture_acts, extractor, jvp_cols, progress_bar, renamed, run_hooked, vjp_rows
 from .errors import InputError, LensprobeError
-from .inputs import check_finite, check_layers, checkpoint_list, materialise, model_dtype, to_tokens
+from .inputs import check_finite, check_layers, checkpoint_list, hook_names, materialise, model_dtype, to_tokens
 from .models import str_tokens
+from .results import Result, Table
+
+Tokens = Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"] | str | list[str]
+Variant = Literal["frob", "trace", "swap"]
 
 __all__ = [
     "BlockJacobians",
     "block_jacobians",
     "coupling_metric",
     "Coupling",
-    "coupling",
+    "block_coupling",
     "TrajectoryMetrics",
     "trajectory_metrics",
     "TrainingCoupling",
@@ -107,21 +112,25 @@ def _positions(n: int, positions: Sequence[int] | int | None, what: str = "posit
 
 # =========================================================================== Jacobians
 @dataclass(frozen=True)
-class BlockJacobians:
+class BlockJacobians(Result):
     """Residual block Jacobians J^l_{t1 t2} = d f^l(X)_{t2} / d x^(l)_{t1} (identity removed).
 
-    jacobians: [batch, n_sel_layers, n_sel_positions, d_model (output), d_model (input)].
+    jacobians: [prompt, layer, pos, d_out, d_in] (d_out = d_in = d_model; layer runs over
+               ``layers``, pos over ``positions``):
         kind 'diagonal':     entry [b, i, p] is J^{layers[i]}_{t t} with t = positions[p];
         kind 'fixed_input':  J^{layers[i]}_{token, t2} with t2 = positions[p] (all outputs
                              of one input token; zero for t2 < token under a causal mask);
         kind 'fixed_output': J^{layers[i]}_{t1, token} with t1 = positions[p].
-    tokens:    [batch, pos] the prompts; ``str_tokens`` their strings when known.
+    tokens:    [prompt, seq] the prompts; ``str_tokens`` their strings when known.
     method:    how they were computed ('separable', 'per_token', 'jvp', 'vjp'; joined with
                '+' when layers differ, e.g. 'separable+per_token' after a fallback).
     """
 
+    AXES: ClassVar = {"jacobians": ("prompt", "layer", "pos", "d_out", "d_in"), "tokens": ("prompt", "seq")}
+    TITLE: ClassVar = "block Jacobians"
+
     jacobians: torch.Tensor
-    kind: str
+    kind: Literal["diagonal", "fixed_input", "fixed_output"]
     layers: tuple[int, ...]
     positions: tuple[int, ...]
     token: int | None
@@ -133,7 +142,7 @@ class BlockJacobians:
     def d_model(self) -> int:
         return self.jacobians.shape[-1]
 
-    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+    def __getitem__(self, key: tuple[int, int]) -> Float[torch.Tensor, "prompt d_out d_in"]:
         """``jac[layer, position]`` -> [batch, d, d] for a model layer and a sequence position."""
         layer, pos = key
         if layer not in self.layers:
@@ -144,40 +153,6 @@ class BlockJacobians:
             raise InputError(f"position {pos} was not computed; have {list(self.positions)}.")
         return self.jacobians[:, self.layers.index(layer), self.positions.index(pos)]
 
-    def save(self, path: str | Path) -> Path:
-        """Write to one ``.safetensors`` file (tensors + JSON metadata; no pickle)."""
-        import json
-
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = dict(kind=self.kind, layers=list(self.layers), positions=list(self.positions),
-                    token=self.token, method=self.method,
-                    str_tokens=[list(r) for r in self.str_tokens] if self.str_tokens else None)
-        save_file({"jacobians": self.jacobians.detach().cpu().contiguous(),
-                   "tokens": self.tokens.detach().cpu().contiguous()}, str(path),
-                  metadata={"lensprobe_block_jacobians": json.dumps(meta)})
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "BlockJacobians":
-        """Read a file written by :meth:`save`."""
-        import json
-
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("lensprobe_block_jacobians")
-        if raw is None:
-            raise InputError(f"{str(path)!r} was not written by BlockJacobians.save.")
-        meta = json.loads(raw)
-        t = load_file(str(path))
-        st = tuple(tuple(r) for r in meta["str_tokens"]) if meta["str_tokens"] else None
-        return cls(t["jacobians"], meta["kind"], tuple(meta["layers"]), tuple(meta["positions"]),
-                   meta["token"], t["tokens"], meta["method"], st)
-
     def _label(self, p: int) -> str:
         if self.kind == "diagonal":
             return f"J_{{{p},{p}}}"
@@ -185,30 +160,26 @@ class BlockJacobians:
             return f"J_{{{self.token},{p}}}"
         return f"J_{{{p},{self.token}}}"
 
-    def norms(self, ord: str = "fro") -> torch.Tensor:
-        """[batch, layers, positions] Frobenius ('fro') or spectral (2) norms."""
+    def norms(self, ord: Literal["fro", 2] = "fro") -> Float[torch.Tensor, "prompt layer pos"]:
+        """[prompt, layer, pos] Frobenius ('fro') or spectral (2) norms."""
         if ord == "fro":
             return torch.linalg.matrix_norm(self.jacobians, "fro")
         return torch.linalg.matrix_norm(self.jacobians, 2)
 
-    def to_dataframe(self) -> Any:
-        """One row per (prompt, layer, position): Frobenius and spectral norm, top singular value share."""
-        import pandas as pd
-
+    def _table(self) -> Table:
+        """One row per (prompt, layer, pos): Frobenius and spectral norm, top singular value share."""
         s = torch.linalg.svdvals(self.jacobians.double())
-        fro = s.square().sum(-1).sqrt()
-        rows = []
-        B, L, P = self.jacobians.shape[:3]
-        for b in range(B):
-            for i in range(L):
-                for p in range(P):
-                    rows.append(dict(
-                        prompt=b, layer=self.layers[i], position=self.positions[p],
-                        kind=self.kind, token=self.token, frobenius=float(fro[b, i, p]),
-                        spectral=float(s[b, i, p, 0]),
-                        top1_share=float(s[b, i, p, 0] ** 2 / max(float(fro[b, i, p]) ** 2, 1e-300)),
-                    ))
-        return pd.DataFrame(rows)
+        fro2 = s.square().sum(-1)
+        dims = ("prompt", "layer", "pos")
+        return Table({"prompt": range(s.shape[0]), "layer": self.layers, "pos": self.positions},
+                     {"frobenius": (dims, fro2.sqrt()), "spectral": (dims, s[..., 0]),
+                      "top1_share": (dims, s[..., 0] ** 2 / fro2.clamp_min(1e-300))},
+                     {"kind": self.kind, "token": self.token})
+
+    def summary(self) -> dict[str, Any]:
+        fro = self.norms().double()
+        return {"kind": self.kind, "method": self.method, "mean_frobenius": float(fro.mean()),
+                "max_frobenius": float(fro.max())}
 
     def plot(self, prompt: int = 0, n_singular: int = 20) -> Any:
         """Frobenius norm per (layer, position) and the leading singular values per layer."""
@@ -226,25 +197,15 @@ class BlockJacobians:
         axes[0].set_ylabel("layer")
         axes[0].set_title(f"||J||_F ({self.kind})")
         fig.colorbar(im, ax=axes[0])
-        k = min(n_singular, s.shape[-1])
+        n = min(n_singular, s.shape[-1])
         for i, l in enumerate(self.layers):
-            axes[1].semilogy(range(1, k + 1), s[i, -1, :k].clamp_min(1e-30).numpy(), marker=".",
+            axes[1].semilogy(range(1, n + 1), s[i, -1, :n].clamp_min(1e-30).numpy(), marker=".",
                              label=f"layer {l}")
         axes[1].set_xlabel("index")
         axes[1].set_title(f"singular values of {self._label(self.positions[-1])}")
         axes[1].legend(fontsize=7)
         fig.tight_layout()
         return fig
-
-    def show(self, prompt: int = 0) -> Any:
-        from .views import View, escape, figure_html
-
-        import matplotlib.pyplot as plt
-
-        fig = self.plot(prompt)
-        body = f"<h3>{escape('block Jacobians (' + self.kind + ')')}</h3>" + figure_html(fig)
-        plt.close(fig)
-        return View(body, title="block Jacobians")
 
 
 def _expand_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -383,15 +344,16 @@ def _tolerance(dtype: torch.dtype) -> float:
     return min(5e-2, max(1e-6, 2e3 * torch.finfo(dtype).eps))
 
 
+@extractor
 def block_jacobians(
     model: Any,
-    tokens: Any,
+    tokens: Tokens,
     layers: Sequence[int] | int | None = None,
     positions: Sequence[int] | int | None = None,
     *,
     input_token: int | None = None,
     output_token: int | None = None,
-    method: str = "auto",
+    method: Literal["auto", "separable", "per_token"] = "auto",
     chunk_size: int | None = None,
     max_memory_mb: float | None = 1024,
     progress: bool = True,
@@ -428,50 +390,48 @@ def block_jacobians(
     n = toks.shape[1]
     layer_list = check_layers(model, layers)
     pos_list = _positions(n, positions)
-    fixed = None
+    kind, fixed = "diagonal", None
     if input_token is not None or output_token is not None:
+        kind = "fixed_input" if input_token is not None else "fixed_output"
         fixed = _positions(n, input_token if input_token is not None else output_token,
                            "input_token/output_token")[0]
     if not model_dtype(model).is_floating_point:
         raise InputError("the model has no floating-point parameters.")
-    with guard(model):
-        pres = capture_acts(model, toks, [f"blocks.{l}.hook_resid_pre" for l in layer_list])
-        jacs = None
-        used: list[str] = []
-        gen = torch.Generator().manual_seed(0)
-        for li, l in progress_bar(enumerate(layer_list), progress, "block Jacobians", len(layer_list)):
-            x = pres[f"blocks.{l}.hook_resid_pre"].detach()
-            if input_token is not None:
-                d = x.shape[-1]
-                tangents = torch.zeros((d, *x.shape), dtype=x.dtype, device=x.device)
-                tangents[torch.arange(d), :, fixed, torch.arange(d)] = 1.0
-                cols = jvp_cols(_block_fn(model, toks, l), x, tangents,
-                                chunk_size=_jvp_chunk(model, x, chunk_size, max_memory_mb))
-                jac = cols[:, :, pos_list].permute(1, 2, 3, 0)  # [b, p, i, j]
-                used.append("jvp")
-            elif output_token is not None:
-                g = _vjp_units(_block_fn(model, toks, l), x, [fixed], chunk_size, max_memory_mb)
-                jac = g[:, :, pos_list].permute(1, 2, 0, 3)  # [b, p(t1), i, j]
-                used.append("vjp")
-            else:
-                jac = None
-                if method in ("auto", "separable"):
-                    jac = _diag_separable(model, toks, l, x, pos_list, chunk_size,
-                                          max_memory_mb, gen, method)
-                    used.append("separable")
-                if jac is None:  # asked for, or the separable check failed (warned)
-                    jac = _diag_per_token(model, toks, l, x, pos_list, chunk_size, max_memory_mb)
-                    if method != "per_token":
-                        used.pop()  # the separable attempt fell back
-                    used.append("per_token")
-            check_finite(jac, f"the block Jacobians of layer {l}")
-            if jacs is None:  # filled layer by layer: the full array exists once
-                jacs = jac.new_empty((jac.shape[0], len(layer_list), *jac.shape[1:]))
-            jacs[:, li] = jac.detach()
-            del jac
-    kind = "diagonal" if fixed is None else "fixed_input" if input_token is not None else "fixed_output"
+    pres = capture_acts(model, toks, [f"blocks.{l}.hook_resid_pre" for l in layer_list])
+    jacs = None
+    used: list[str] = []
+    gen = torch.Generator().manual_seed(0)
+    for li, l in progress_bar(enumerate(layer_list), progress, "block Jacobians", len(layer_list)):
+        x = pres[f"blocks.{l}.hook_resid_pre"].detach()
+        jac, how = _layer_jacobians(model, toks, l, x, pos_list, kind, fixed, method, chunk_size,
+                                    max_memory_mb, gen)
+        used.append(how)
+        check_finite(jac, f"the block Jacobians of layer {l}")
+        if jacs is None:  # filled layer by layer: the full array exists once
+            jacs = jac.new_empty((jac.shape[0], len(layer_list), *jac.shape[1:]))
+        jacs[:, li] = jac.detach()
+        del jac
     return BlockJacobians(jacs, kind, tuple(layer_list), tuple(pos_list), fixed, toks.detach().cpu(),
                           "+".join(dict.fromkeys(used)), _str_tokens(model, toks))
+
+
+def _layer_jacobians(model, toks, l, x, pos_list, kind, fixed, method, chunk_size, max_memory_mb, gen):
+    """(the Jacobians [b, p, i, j] of layer ``l``, the method that computed them)."""
+    fn = _block_fn(model, toks, l)
+    if kind == "fixed_input":
+        d = x.shape[-1]
+        tangents = torch.zeros((d, *x.shape), dtype=x.dtype, device=x.device)
+        tangents[torch.arange(d), :, fixed, torch.arange(d)] = 1.0
+        cols = jvp_cols(fn, x, tangents, chunk_size=_jvp_chunk(model, x, chunk_size, max_memory_mb))
+        return cols[:, :, pos_list].permute(1, 2, 3, 0), "jvp"  # [b, p, i, j]
+    if kind == "fixed_output":
+        g = _vjp_units(fn, x, [fixed], chunk_size, max_memory_mb)
+        return g[:, :, pos_list].permute(1, 2, 0, 3), "vjp"  # [b, p(t1), i, j]
+    if method != "per_token":
+        jac = _diag_separable(model, toks, l, x, pos_list, chunk_size, max_memory_mb, gen, method)
+        if jac is not None:  # None: the separable check failed (warned)
+            return jac, "separable"
+    return _diag_per_token(model, toks, l, x, pos_list, chunk_size, max_memory_mb), "per_token"
 
 
 def _diag_separable(model, toks, l, x, pos_list, chunk_size, max_memory_mb, gen, method):
@@ -543,9 +503,11 @@ def _svd_top(J: torch.Tensor, kmax: int, chunk: int = 16) -> tuple[torch.Tensor,
     return U.reshape(*lead, d, kmax), S.reshape(*lead, kmax), V.reshape(*lead, d, kmax)
 
 
+@renamed(k="top_k")
 def coupling_metric(
-    J1: torch.Tensor, J2: torch.Tensor, k: int | Sequence[int] = 10, variant: str = "frob"
-) -> torch.Tensor:
+    J1: Float[torch.Tensor, "*batch d d"], J2: Float[torch.Tensor, "*batch d d"],
+    top_k: int | Sequence[int] = 10, variant: Variant = "frob",
+) -> Float[torch.Tensor, "*batch"] | Float[torch.Tensor, " k *batch"]:
     """m_K(J1, J2) for two (batches of) d x d matrices (Aubry et al., ICLR 2025).
 
         m_K(J1, J2) = || |U2_K^T J1 V2_K| - diag(s1_K) ||_F / ||s1_K||_2
@@ -553,11 +515,11 @@ def coupling_metric(
     with J_i = U_i S_i V_i^T, |.| elementwise (sign flips of singular-vector pairs do not
     matter). ``variant='trace'`` divides by sum(s1_K); ``'swap'`` uses |V2_K^T J1 U2_K|.
     m(J, J) = 0 and m ~ 1 for independent random matrices; coupling is 1 - m^2.
-    ``k`` an int -> [...]; a sequence -> [len(k), ...].
+    ``top_k`` (K) an int -> [...]; a sequence -> [len(top_k), ...].
     """
     if variant not in VARIANTS:
         raise InputError(f"variant must be one of {VARIANTS}, got {variant!r}.")
-    ks = [k] if isinstance(k, int) else list(k)
+    ks = [top_k] if isinstance(top_k, int) else list(top_k)
     d = J1.shape[-1]
     _check_ks(ks, d)
     kmax = max(ks)
@@ -566,7 +528,7 @@ def coupling_metric(
     left, right = (V2, U2) if variant == "swap" else (U2, V2)
     M = left.mT @ J1 @ right
     out = torch.stack([_m_from(M[..., :K, :K], U1s[..., :K], variant) for K in ks])
-    return out[0] if isinstance(k, int) else out
+    return out[0] if isinstance(top_k, int) else out
 
 
 def _check_ks(ks: Sequence[int], d: int) -> None:
@@ -620,36 +582,42 @@ def _pairwise_m(J: torch.Tensor, ks: Sequence[int], max_memory_mb: float = 256,
     return m, prods
 
 
-def _default_ks(d: int, k: int | Sequence[int] | None) -> tuple[int, ...]:
-    if k is None:
+def _default_ks(d: int, top_k: int | Sequence[int] | None) -> tuple[int, ...]:
+    if top_k is None:
         ks = sorted({max(1, min(K, d // 4)) for K in (10, 30, 50)})
         return tuple(ks)
-    ks = [k] if isinstance(k, int) else list(k)
+    ks = [top_k] if isinstance(top_k, int) else list(top_k)
     _check_ks(ks, d)
     return tuple(ks)
 
 
 @dataclass(frozen=True)
-class Coupling:
+class Coupling(Result):
     """Coupling matrices of block Jacobians (Aubry et al., ICLR 2025).
 
-    m:        [3 variants ('frob', 'trace', 'swap'), len(ks), batch, G, A, A] with
-              m[v, k, b, g, i, j] = m_K(J_i, J_j) for items i, j of group g in prompt b:
+    m:        [variant ('frob', 'trace', 'swap'), k (the values of ``ks``), prompt, group,
+              item_i, item_j] with m[v, q, b, g, i, j] = m_K(J_i, J_j) for items i, j of
+              group g in prompt b and K = ks[q]:
                 mode 'depth':   groups = token positions, items = layers (L x L per token);
                 mode 'token':   groups = layers, items = token positions (J^l_tt vs J^l_t't');
                 mode 'context': groups = layers, items = the varying token of cross-token
                                 Jacobians (fixed input token: outputs t2; fixed output
                                 token: inputs t1).
-              coupling = 1 - m^2 (1 = coupled, ~0 for unrelated matrices).
-    ks:       the K values (top-K singular vectors).
+              coupling = 1 - m^2 (1 = coupled, ~0 for unrelated matrices). The group and
+              item axes are named after ``group_axis`` / ``item_axis`` ('pos' or 'layer').
+    ks:       the K values (numbers of top singular vectors).
     groups, items: model layers / sequence positions labelling those axes.
-    products: |U_j,K^T J_i V_j,K| for K = max(ks), [batch, G, A, A, K, K] (near-diagonal
-              when coupled), kept when asked for.
+    products: |U_j,K^T J_i V_j,K| for K = max(ks), [prompt, group, item_i, item_j, u, v]
+              (u, v: the K left / right singular vectors of J_j; near-diagonal when
+              coupled), kept when asked for.
+    jacobians: the :class:`BlockJacobians` they came from (when computed from a model).
     """
+
+    TITLE: ClassVar = "block coupling"
 
     m: torch.Tensor
     ks: tuple[int, ...]
-    mode: str
+    mode: Literal["depth", "token", "context"]
     groups: tuple[int, ...]
     items: tuple[int, ...]
     group_axis: str
@@ -657,28 +625,45 @@ class Coupling:
     products: torch.Tensor | None = field(default=None, repr=False)
     jacobians: BlockJacobians | None = field(default=None, repr=False)
 
+    @property
+    def axes(self) -> dict[str, tuple[str, ...]]:
+        g, i, j = self.group_axis, f"{self.item_axis}_i", f"{self.item_axis}_j"
+        return {"m": ("variant", "k", "prompt", g, i, j), "products": ("prompt", g, i, j, "u", "v")}
+
+    def _coords(self) -> dict[str, Sequence[Any]]:
+        return {"variant": VARIANTS, "k": self.ks, self.group_axis: self.groups,
+                f"{self.item_axis}_i": self.items, f"{self.item_axis}_j": self.items}
+
+    def _table(self) -> Table:
+        """Long format, one row per entry of ``m``: variant, k, prompt, group, i, j, m, coupling."""
+        dims = self.axes["m"]
+        return Table(self._grid("m"), {"m": (dims, self.m), "coupling": (dims, self.coupling)})
+
     # ------------------------------------------------------------------ accessors
     def _v(self, variant: str) -> int:
         if variant not in VARIANTS:
             raise InputError(f"variant must be one of {VARIANTS}, got {variant!r}.")
         return VARIANTS.index(variant)
 
-    def _k(self, k: int | None) -> int:
-        if k is None:
+    def _k(self, top_k: int | None) -> int:
+        if top_k is None:
             return 0
-        if k not in self.ks:
-            raise InputError(f"K={k} was not computed; have {list(self.ks)}.")
-        return self.ks.index(k)
+        if top_k not in self.ks:
+            raise InputError(f"K={top_k} was not computed; have {list(self.ks)}.")
+        return self.ks.index(top_k)
 
     @property
     def coupling(self) -> torch.Tensor:
         """1 - m^2, same shape as ``m``."""
         return 1 - self.m.square()
 
-    def matrix(self, k: int | None = None, variant: str = "frob", *, metric: str = "coupling",
-               reduce: str = "mean") -> torch.Tensor:
-        """[G, A, A] coupling (or m) over prompts: ``reduce`` 'mean', 'std' or 'none' ([batch, G, A, A])."""
-        t = (self.coupling if metric == "coupling" else self.m)[self._v(variant), self._k(k)]
+    @renamed(k="top_k")
+    def matrix(self, top_k: int | None = None, variant: Variant = "frob", *,
+               metric: Literal["coupling", "m"] = "coupling",
+               reduce: Literal["mean", "std", "none"] = "mean") -> Float[torch.Tensor, "group item_i item_j"]:
+        """[group, item_i, item_j] coupling (or m) over prompts: ``reduce`` 'mean', 'std' or
+        'none' ([prompt, group, item_i, item_j])."""
+        t = (self.coupling if metric == "coupling" else self.m)[self._v(variant), self._k(top_k)]
         if reduce == "mean":
             return t.mean(0)
         if reduce == "std":
@@ -687,41 +672,32 @@ class Coupling:
             return t
         raise InputError(f"reduce must be 'mean', 'std' or 'none', got {reduce!r}.")
 
-    def off_diagonal(self, k: int | None = None, variant: str = "frob") -> torch.Tensor:
-        """[batch] mean off-diagonal coupling per prompt (over groups and pairs i != j)."""
-        c = self.coupling[self._v(variant), self._k(k)]  # [b, G, A, A]
+    @renamed(k="top_k")
+    def off_diagonal(self, top_k: int | None = None, variant: Variant = "frob") -> Float[torch.Tensor, " prompt"]:
+        """[prompt] mean off-diagonal coupling per prompt (over groups and pairs i != j)."""
+        c = self.coupling[self._v(variant), self._k(top_k)]  # [b, G, A, A]
         A = c.shape[-1]
         if A < 2:
             raise InputError("off-diagonal coupling needs at least two items (layers/positions).")
         mask = ~torch.eye(A, dtype=torch.bool, device=c.device)
         return c[..., mask].mean(dim=(-1, -2))
 
-    def scalar(self, k: int | None = None, variant: str = "frob") -> float:
+    @renamed(k="top_k")
+    def scalar(self, top_k: int | None = None, variant: Variant = "frob") -> float:
         """The per-model scalar: mean off-diagonal coupling 1 - m_K^2, over prompts, groups
         and ordered pairs i != j (for mode 'depth': the paper's mean depth-wise coupling).
-        K defaults to the first of ``ks``."""
-        return float(self.off_diagonal(k, variant).mean())
+        K (``top_k``) defaults to the first of ``ks``."""
+        return float(self.off_diagonal(top_k, variant).mean())
 
-    def to_dataframe(self) -> Any:
-        """Long format, one row per entry of ``m``: variant, k, prompt, group, i, j, m, coupling."""
-        import numpy as np
-        import pandas as pd
+    def summary(self) -> dict[str, Any]:
+        """The mode and, with two or more items, the scalar for every K (variant 'frob')."""
+        out: dict[str, Any] = {"mode": self.mode}
+        if len(self.items) >= 2:
+            out.update({f"coupling_k{K}": self.scalar(K) for K in self.ks})
+        return out
 
-        m = self.m.detach().double().cpu().numpy()
-        idx = np.indices(m.shape).reshape(m.ndim, -1)
-        flat = m.reshape(-1)
-        return pd.DataFrame({
-            "variant": np.asarray(VARIANTS)[idx[0]],
-            "k": np.asarray(self.ks)[idx[1]],
-            "prompt": idx[2],
-            self.group_axis: np.asarray(self.groups)[idx[3]],
-            f"{self.item_axis}_i": np.asarray(self.items)[idx[4]],
-            f"{self.item_axis}_j": np.asarray(self.items)[idx[5]],
-            "m": flat,
-            "coupling": 1 - flat * flat,
-        })
-
-    def plot(self, k: int | None = None, variant: str = "frob", group: int | None = None,
+    @renamed(k="top_k")
+    def plot(self, top_k: int | None = None, variant: Variant = "frob", group: int | None = None,
              pair: tuple[int, int] | None = None) -> Any:
         """Heatmaps: coupling over prompts (mean) for one group (default: the last), its
         spread over prompts, and |U_j^T J_i V_j| for one pair of items (default: the two
@@ -729,23 +705,13 @@ class Coupling:
         import matplotlib.pyplot as plt
 
         g = len(self.groups) - 1 if group is None else self._group_index(group)
-        mean = self.matrix(k, variant)[g].double().cpu()
-        std = self.matrix(k, variant, reduce="std")[g].double().cpu()
         has_prod = self.products is not None and len(self.items) >= 2
         fig, axes = plt.subplots(1, 3 if has_prod else 2, figsize=(15 if has_prod else 10, 4.2))
-        labels = [str(i) for i in self.items]
-        kk = self.ks[self._k(k)]
-        for ax, data, title, cmap in ((axes[0], mean, "coupling 1 - m^2 (mean)", "magma"),
-                                      (axes[1], std, "spread over prompts (std)", "viridis")):
-            im = ax.imshow(data.numpy(), cmap=cmap, vmin=0 if cmap == "viridis" else None)
-            fs = 7 if len(labels) > 16 else 9
-            ax.set_xticks(range(len(labels)), labels, fontsize=fs)
-            ax.set_yticks(range(len(labels)), labels, fontsize=fs)
-            ax.set_xlabel(f"{self.item_axis} j (bases of J_j)")
-            ax.set_ylabel(f"{self.item_axis} i (J_i)")
-            ax.set_title(f"{title}\n{self.mode}, {self.group_axis} {self.groups[g]}, K={kk}, {variant}",
-                         fontsize=9)
-            fig.colorbar(im, ax=ax)
+        what = f"{self.mode}, {self.group_axis} {self.groups[g]}, K={self.ks[self._k(top_k)]}, {variant}"
+        for ax, reduce, title, cmap in ((axes[0], "mean", "coupling 1 - m^2 (mean)", "magma"),
+                                        (axes[1], "std", "spread over prompts (std)", "viridis")):
+            data = self.matrix(top_k, variant, reduce=reduce)[g].double().cpu()
+            self._heatmap(fig, ax, data, cmap, f"{title}\n{what}")
         if has_prod:
             i, j = (len(self.items) - 1, len(self.items) - 2) if pair is None else (
                 self.items.index(pair[0]), self.items.index(pair[1]))
@@ -757,41 +723,48 @@ class Coupling:
         fig.tight_layout()
         return fig
 
+    def _heatmap(self, fig: Any, ax: Any, data: torch.Tensor, cmap: str, title: str) -> None:
+        labels = [str(i) for i in self.items]
+        im = ax.imshow(data.numpy(), cmap=cmap, vmin=0 if cmap == "viridis" else None)
+        fs = 7 if len(labels) > 16 else 9
+        ax.set_xticks(range(len(labels)), labels, fontsize=fs)
+        ax.set_yticks(range(len(labels)), labels, fontsize=fs)
+        ax.set_xlabel(f"{self.item_axis} j (bases of J_j)")
+        ax.set_ylabel(f"{self.item_axis} i (J_i)")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax)
+
     def _group_index(self, group: int) -> int:
         if group not in self.groups:
             raise InputError(f"{self.group_axis} {group} not computed; have {list(self.groups)}.")
         return self.groups.index(group)
 
-    def show(self, k: int | None = None, variant: str = "frob") -> Any:
+    @renamed(k="top_k")
+    def show(self, top_k: int | None = None, variant: Variant = "frob") -> Any:
         """A View with the heatmaps and the per-model scalar."""
-        import matplotlib.pyplot as plt
+        from .views import figure_view
 
-        from .views import View, escape, figure_html
-
-        fig = self.plot(k, variant)
         try:
-            scal = f"{self.scalar(k, variant):.4f}"
+            scal = f"{self.scalar(top_k, variant):.4f}"
         except InputError:
             scal = "n/a"
-        body = (f"<h3>{escape(f'block coupling ({self.mode})')}</h3><p>mean off-diagonal coupling"
-                f" (K={self.ks[self._k(k)]}, {escape(variant)}): <b>{escape(scal)}</b></p>"
-                + figure_html(fig, alt="coupling heatmaps"))
-        plt.close(fig)
-        return View(body, title="block coupling")
+        head = {f"mean off-diagonal coupling (K={self.ks[self._k(top_k)]}, {variant})": scal}
+        return figure_view(self.plot(top_k, variant), f"{self.TITLE} ({self.mode})", head)
 
 
-def coupling(
-    source: Any,
-    tokens: Any = None,
+@renamed(k="top_k")
+def block_coupling(
+    source: BlockJacobians | Any,
+    tokens: Tokens | None = None,
     *,
-    mode: str = "depth",
-    k: int | Sequence[int] | None = None,
+    mode: Literal["depth", "token", "context"] = "depth",
+    top_k: int | Sequence[int] | None = None,
     layers: Sequence[int] | int | None = None,
-    positions: Sequence[int] | int | None = None,
+    positions: Sequence[int] | int | Literal["all"] | None = None,
     input_token: int | None = None,
     output_token: int | None = None,
     keep_products: bool = True,
-    method: str = "auto",
+    method: Literal["auto", "separable", "per_token"] = "auto",
     max_memory_mb: float | None = 1024,
     progress: bool = True,
 ) -> Coupling:
@@ -804,7 +777,7 @@ def coupling(
         m_K(J1, J2) = || |U2_K^T J1 V2_K| - diag(s1_K) ||_F / ||s1_K||_2,  coupling = 1 - m^2,
 
     plus the trace variant (/ sum(s1_K)) and the U/V-swapped one (|V2_K^T J1 U2_K|), for
-    every K in ``k`` (default 10, 30, 50, each clamped to d_model // 4).
+    every K in ``top_k`` (default 10, 30, 50, each clamped to d_model // 4).
 
     ``mode``:
       * 'depth' (default): for each token t, the L x L matrix m_K(J^i_tt, J^j_tt);
@@ -819,72 +792,96 @@ def coupling(
     if mode not in ("depth", "token", "context"):
         raise InputError(f"mode must be 'depth', 'token' or 'context', got {mode!r}.")
     if isinstance(source, BlockJacobians):
-        jac = source
-        if (mode == "context") != (jac.kind != "diagonal"):
-            raise InputError(
-                f"mode {mode!r} needs {'cross-token' if mode == 'context' else 'same-token'}"
-                f" Jacobians, got kind {jac.kind!r}; compute them with block_jacobians("
-                + ("..., output_token=t2)" if mode == "context" else "...) (no input/output token)")
-                + ")."
-            )
+        jac = _check_kind(source, mode)
+    elif tokens is None:
+        raise InputError("block_coupling(model, tokens, ...) needs tokens when given a model.")
     else:
-        if tokens is None:
-            raise InputError("coupling(model, tokens, ...) needs tokens when given a model.")
-        toks = to_tokens(source, tokens)
-        n = toks.shape[1]
-        if positions == "all":
-            positions = None
-        elif mode == "depth" and positions is None:
-            positions = [n - 1]
-        if mode == "context":
-            if input_token is None and output_token is None:
-                output_token = n - 1
-            fixed = _positions(n, input_token if input_token is not None else output_token)[0]
-            if positions is None:
-                positions = list(range(fixed + 1)) if input_token is None else list(range(fixed, n))
-            jac = block_jacobians(source, toks, layers, positions, input_token=input_token,
-                                  output_token=output_token if input_token is None else None,
-                                  max_memory_mb=max_memory_mb, progress=progress)
-        else:
-            jac = block_jacobians(source, toks, layers, positions, method=method,
-                                  max_memory_mb=max_memory_mb, progress=progress)
-    ks = _default_ks(jac.d_model, k)
+        jac = _jacobians_for(source, tokens, mode, layers, positions, input_token, output_token,
+                             method=method, max_memory_mb=max_memory_mb, progress=progress)
+    ks = _default_ks(jac.d_model, top_k)
     J = jac.jacobians
     if J.dtype not in (torch.float32, torch.float64):
         J = J.float()
-    B, L, P = J.shape[:3]
-    if mode == "depth":
-        grouped = J.transpose(1, 2)  # [b, P, L, d, d]
-        groups, items, gax, iax = jac.positions, jac.layers, "position", "layer"
+    if mode == "depth":  # groups: positions, items: layers
+        grouped, groups, items, gax, iax = J.transpose(1, 2), jac.positions, jac.layers, "pos", "layer"
     else:
-        grouped = J  # [b, L, P, d, d]
-        groups, items, gax, iax = jac.layers, jac.positions, "layer", "position"
+        grouped, groups, items, gax, iax = J, jac.layers, jac.positions, "layer", "pos"
     m, prods = _pairwise_m(grouped, ks, keep_product=keep_products,
                            max_memory_mb=min(max_memory_mb or 256, 256))
     return Coupling(m, ks, mode, tuple(groups), tuple(items), gax, iax, prods, jac)
 
 
+def _check_kind(jac: BlockJacobians, mode: str) -> BlockJacobians:
+    if (mode == "context") != (jac.kind != "diagonal"):
+        raise InputError(
+            f"mode {mode!r} needs {'cross-token' if mode == 'context' else 'same-token'}"
+            f" Jacobians, got kind {jac.kind!r}; compute them with block_jacobians("
+            + ("..., output_token=t2)" if mode == "context" else "...) (no input/output token)")
+            + ")."
+        )
+    return jac
+
+
+def _jacobians_for(model: Any, tokens: Any, mode: str, layers: Any, positions: Any, input_token: int | None,
+                   output_token: int | None, **kw: Any) -> BlockJacobians:
+    """The Jacobians :func:`block_coupling` needs for ``mode``, with its position defaults."""
+    toks = to_tokens(model, tokens)
+    n = toks.shape[1]
+    if positions == "all":
+        positions = None
+    elif mode == "depth" and positions is None:
+        positions = [n - 1]
+    if mode != "context":
+        return block_jacobians(model, toks, layers, positions, **kw)
+    if input_token is None and output_token is None:
+        output_token = n - 1
+    fixed = _positions(n, input_token if input_token is not None else output_token)[0]
+    if positions is None:
+        positions = list(range(fixed + 1)) if input_token is None else list(range(fixed, n))
+    kw.pop("method")
+    return block_jacobians(model, toks, layers, positions, input_token=input_token,
+                           output_token=output_token if input_token is None else None, **kw)
+
+
+def coupling(*args: Any, **kwargs: Any) -> Coupling:
+    """Deprecated: the old name of :func:`block_coupling` (as ``lp.coupling`` it hid this
+    module); it will be removed in lensprobe 0.3."""
+    warnings.warn("lensprobe.coupling.coupling() is now lp.block_coupling(); the old name will be"
+                  " removed in lensprobe 0.3.", DeprecationWarning, stacklevel=2)
+    return block_coupling(*args, **kwargs)
+
+
 # =========================================================================== trajectories
+_TRAJECTORY = ("lss", "norm_slope", "norm_r2", "step_slope", "step_r2", "step_ratio_cv")
+
+
 @dataclass(frozen=True)
-class TrajectoryMetrics:
+class TrajectoryMetrics(Result):
     """Token trajectories through depth (Aubry et al., ICLR 2025, section on trajectories).
 
-    residuals:  [batch, L + 1, pos, d] x^0 (resid_pre of block 0) ... x^L (resid_post of
-                the last block).
-    lss:        [batch, pos] line-shape score L / ||xt^L - xt^0|| of the unit-step path
+    lss:        [prompt, pos] line-shape score L / ||xt^L - xt^0|| of the unit-step path
                 xt^0 = x^0, xt^l = xt^(l-1) + (x^l - x^(l-1)) / ||x^l - x^(l-1)||
                 (1 = a straight line, larger = more winding).
-    norm_slope, norm_r2: [batch, pos] least-squares slope and R^2 of log ||x^l|| against
+    norm_slope, norm_r2: [prompt, pos] least-squares slope and R^2 of log ||x^l|| against
                 l = 0..L (exponential norm growth reads as a high R^2).
-    step_slope, step_r2: [batch, pos] the same for the log step size log ||x^(l+1) - x^l||,
+    step_slope, step_r2: [prompt, pos] the same for the log step size log ||x^(l+1) - x^l||,
                 l = 0..L-1.
-    step_ratio_cv: [batch, pos] regularity of consecutive step-size ratios
+    step_ratio_cv: [prompt, pos] regularity of consecutive step-size ratios
                 r_l = ||x^(l+2) - x^(l+1)|| / ||x^(l+1) - x^l||: std(r) / mean(r) (0 = the
                 steps grow by the same factor at every layer, i.e. exactly exponential
                 spacing). The paper's "expodistance" formula is not published; this
                 coefficient of variation is lensprobe's documented reading of it (NaN
                 with fewer than 3 layers).
+    residuals:  [prompt, depth, pos, d_model] x^0 ... x^L, by default x^0 the resid_pre of
+                block 0 and x^l the resid_post of block l - 1 (L + 1 depths; ``hooks``).
+    tokens:     [prompt, pos] the input ids (None when computed from a cache alone);
+                ``str_tokens`` their strings when known.
+    hooks:      the hook read at each depth.
     """
+
+    AXES: ClassVar = {**{m: ("prompt", "pos") for m in _TRAJECTORY}, "tokens": ("prompt", "pos"),
+                      "residuals": ("prompt", "depth", "pos", "d_model")}
+    TITLE: ClassVar = "token trajectories"
 
     residuals: torch.Tensor
     lss: torch.Tensor
@@ -893,28 +890,21 @@ class TrajectoryMetrics:
     step_slope: torch.Tensor
     step_r2: torch.Tensor
     step_ratio_cv: torch.Tensor
-    tokens: torch.Tensor
+    tokens: torch.Tensor | None
     str_tokens: tuple[tuple[str, ...], ...] | None = None
+    hooks: tuple[str, ...] = ()
 
     def summary(self) -> dict[str, float]:
         """Means over prompts and tokens."""
-        return {k: float(torch.nanmean(getattr(self, k).double())) for k in
-                ("lss", "norm_slope", "norm_r2", "step_slope", "step_r2", "step_ratio_cv")}
+        return {k: float(torch.nanmean(getattr(self, k).double())) for k in _TRAJECTORY}
 
-    def to_dataframe(self) -> Any:
-        import pandas as pd
+    def _table(self) -> Table:
+        """One row per (prompt, pos): the token (string, when known), its id and every metric."""
+        t = super()._table()
+        if self.str_tokens is None:
+            return t
+        return Table(t.axes, {"token": (("prompt", "pos"), self.str_tokens), **t.columns})
 
-        B, P = self.lss.shape
-        rows = []
-        for b in range(B):
-            for t in range(P):
-                r = {"prompt": b, "position": t}
-                if self.str_tokens is not None:
-                    r["token"] = self.str_tokens[b][t]
-                for k in ("lss", "norm_slope", "norm_r2", "step_slope", "step_r2", "step_ratio_cv"):
-                    r[k] = float(getattr(self, k)[b, t])
-                rows.append(r)
-        return pd.DataFrame(rows)
 
     def plot(self, prompt: int = 0, token: int = -1) -> Any:
         """log-norm vs layer for every token, LSS per token, and the PCA projection of the
@@ -955,17 +945,16 @@ class TrajectoryMetrics:
 
     def show(self, prompt: int = 0) -> Any:
         """LSS per token as colored tokens, with the figure."""
-        import matplotlib.pyplot as plt
+        from .views import colored_tokens, figure_view
 
-        from .views import View, colored_tokens, figure_html
-
-        fig = self.plot(prompt)
-        fig_html = figure_html(fig, alt="token trajectories")
-        plt.close(fig)
+        P = self.lss.shape[1]
         strs = (self.str_tokens[prompt] if self.str_tokens is not None
-                else [str(int(t)) for t in self.tokens[prompt]])
+                else [str(int(t)) for t in self.tokens[prompt]] if self.tokens is not None
+                else [str(t) for t in range(P)])
         ct = colored_tokens(list(strs), self.lss[prompt], title="line-shape score")
-        return View(fig_html + ct.body, title="token trajectories", needs_bundle=True)
+        view = figure_view(self.plot(prompt), self.TITLE, extra_html=ct.body)
+        view.needs_bundle = True
+        return view
 
 
 def _linfit(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -982,21 +971,28 @@ def _linfit(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return slope, r2
 
 
-def trajectory_metrics(model: Any, tokens: Any) -> TrajectoryMetrics:
+@extractor
+def trajectory_metrics(model: Any, tokens: Tokens | None = None, *, cache: Any = None,
+                       hooks: str | Sequence[str] | Callable[[str], bool] | None = None) -> TrajectoryMetrics:
     """Line-shape score, norm growth and step-ratio regularity of every token's path.
 
     Aubry et al., "Transformer Block Coupling and its Correlation with Generalization in
     LLMs" (ICLR 2025). The path of token t is x_t^0 (``blocks.0.hook_resid_pre``), ...,
     x_t^L (``blocks.{L-1}.hook_resid_post``); see :class:`TrajectoryMetrics` for each
-    formula. Computed in float64.
+    formula. Computed in float64. The residual streams come from a no-grad forward pass
+    on ``tokens`` or from ``cache`` (an ``ActivationCache`` of ``model``; ``tokens`` then
+    only label the result). ``hooks`` picks other depths the TransformerLens way
+    (``names_filter``: a list of names or a predicate ``name -> bool``), in model order.
     """
-    toks = to_tokens(model, tokens)
-    L = model.cfg.n_layers
-    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(L)]
-    with guard(model):
-        acts = capture_acts(model, toks, names)
+    toks = None if tokens is None else to_tokens(model, tokens)
+    names = (["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
+             if hooks is None else hook_names(model, hooks))
+    if len(names) < 2:
+        raise InputError(f"a trajectory needs at least 2 hooks (depths), got {names}.")
+    acts = activations(model, toks, names, cache)
     X = torch.stack([acts[n].detach().double() for n in names], dim=1)  # [b, L+1, pos, d]
     check_finite(X, "the residual stream")
+    L = len(names) - 1
     steps = X[:, 1:] - X[:, :-1]  # [b, L, pos, d]
     sn = steps.norm(dim=-1)  # [b, L, pos]
     tiny = torch.finfo(torch.float64).tiny
@@ -1011,22 +1007,27 @@ def trajectory_metrics(model: Any, tokens: Any) -> TrajectoryMetrics:
     else:
         cv = torch.full_like(lss, float("nan"))
     return TrajectoryMetrics(X, lss, norm_slope, norm_r2, step_slope, step_r2, cv,
-                             toks.detach().cpu(), _str_tokens(model, toks))
+                             None if toks is None else toks.detach().cpu(),
+                             None if toks is None else _str_tokens(model, toks), tuple(names))
 
 
 # =========================================================================== training
 @dataclass(frozen=True)
-class TrainingCoupling:
+class TrainingCoupling(Result):
     """Coupling and trajectories along training (Aubry et al., ICLR 2025, section 5).
 
     steps:     the training step (or index) of each checkpoint.
-    scalar:    [S, len(ks)] mean off-diagonal depth-wise coupling (variant 'frob').
-    matrices:  [S, len(ks), L, L] depth-wise coupling 1 - m^2 averaged over prompts and
-               the analysed positions.
-    trajectory: dict name -> [S] means over prompts and tokens of the
+    ks:        the K values (numbers of top singular vectors).
+    scalar:    [step, k] mean off-diagonal depth-wise coupling (variant 'frob').
+    matrices:  [step, k, layer_i, layer_j] depth-wise coupling 1 - m^2 averaged over
+               prompts and the analysed positions.
+    trajectory: dict name -> [step] means over prompts and tokens of the
                :class:`TrajectoryMetrics` fields (lss, norm_slope, norm_r2, step_slope,
                step_r2, step_ratio_cv).
     """
+
+    AXES: ClassVar = {"scalar": ("step", "k"), "matrices": ("step", "k", "layer_i", "layer_j")}
+    TITLE: ClassVar = "coupling through training"
 
     steps: tuple[int, ...]
     ks: tuple[int, ...]
@@ -1034,17 +1035,16 @@ class TrainingCoupling:
     matrices: torch.Tensor
     trajectory: dict[str, torch.Tensor]
 
-    def to_dataframe(self) -> Any:
-        import pandas as pd
+    def _table(self) -> Table:
+        """One row per step: ``coupling_k{K}`` for every K and the trajectory means."""
+        cols = {f"coupling_k{K}": (("step",), self.scalar[:, q]) for q, K in enumerate(self.ks)}
+        cols.update({k: (("step",), v) for k, v in self.trajectory.items()})
+        return Table({"step": self.steps}, cols)
 
-        rows = []
-        for s, step in enumerate(self.steps):
-            r: dict[str, Any] = {"step": step}
-            for q, K in enumerate(self.ks):
-                r[f"coupling_k{K}"] = float(self.scalar[s, q])
-            r.update({k: float(v[s]) for k, v in self.trajectory.items()})
-            rows.append(r)
-        return pd.DataFrame(rows)
+    def summary(self) -> dict[str, Any]:
+        """The coupling scalars at the first and the last step."""
+        return {"steps": len(self.steps), **{f"coupling_k{K}_{end}": float(self.scalar[i, q])
+                for q, K in enumerate(self.ks) for end, i in (("first", 0), ("last", -1))}}
 
     def plot(self) -> Any:
         """Coupling scalar and trajectory metrics against step, and the L x L matrices of
@@ -1074,16 +1074,6 @@ class TrainingCoupling:
         fig.tight_layout()
         return fig
 
-    def show(self) -> Any:
-        import matplotlib.pyplot as plt
-
-        from .views import View, figure_html
-
-        fig = self.plot()
-        body = "<h3>coupling through training</h3>" + figure_html(fig)
-        plt.close(fig)
-        return View(body, title="coupling through training")
-
 
 class CouplingTracker:
     """Records depth-wise coupling and trajectory metrics of a model during training.
@@ -1094,11 +1084,13 @@ class CouplingTracker:
     :func:`guard`, so the training model's mode and grad flags come back unchanged.
     """
 
-    def __init__(self, tokens: Any, *, k: int | Sequence[int] | None = None,
+    @renamed(k="top_k")
+    def __init__(self, tokens: Tokens, *, top_k: int | Sequence[int] | None = None,
                  positions: Sequence[int] | int | None = None, every: int = 1,
-                 method: str = "auto", max_memory_mb: float | None = 1024) -> None:
+                 method: Literal["auto", "separable", "per_token"] = "auto",
+                 max_memory_mb: float | None = 1024) -> None:
         self.tokens = tokens
-        self.k = k
+        self.top_k = top_k
         self.positions = positions
         self.every = int(every)
         self.method = method
@@ -1122,7 +1114,7 @@ class CouplingTracker:
         positions = self.positions
         if positions is None:
             positions = [toks.shape[1] - 1]
-        c = coupling(model, toks, mode="depth", k=self.k, positions=positions,
+        c = block_coupling(model, toks, mode="depth", top_k=self.top_k, positions=positions,
                      keep_products=False, method=self.method, max_memory_mb=self.max_memory_mb,
                      progress=False)
         self._ks = c.ks
@@ -1141,14 +1133,15 @@ class CouplingTracker:
                                 torch.stack(self._mats), traj)
 
 
+@renamed(k="top_k")
 def coupling_through_training(
     checkpoints: Any,
-    tokens: Any,
+    tokens: Tokens,
     *,
     steps: Sequence[int] | None = None,
-    k: int | Sequence[int] | None = None,
+    top_k: int | Sequence[int] | None = None,
     positions: Sequence[int] | int | None = None,
-    method: str = "auto",
+    method: Literal["auto", "separable", "per_token"] = "auto",
     max_memory_mb: float | None = 1024,
     progress: bool = True,
 ) -> TrainingCoupling:
@@ -1162,7 +1155,7 @@ def coupling_through_training(
     L x L matrices, and the means of :func:`trajectory_metrics` (Aubry et al., ICLR 2025:
     coupling rises early in training and then plateaus, strongest between nearby layers).
     """
-    tracker = CouplingTracker(tokens, k=k, positions=positions, method=method,
+    tracker = CouplingTracker(tokens, top_k=top_k, positions=positions, method=method,
                               max_memory_mb=max_memory_mb)
     pairs = checkpoint_list(checkpoints, steps)
     for step, ck in progress_bar(pairs, progress, "checkpoints", len(pairs)):

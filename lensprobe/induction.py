@@ -22,23 +22,26 @@ induction head in layer l2 > l1 matches its query token a against those keys
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
+from jaxtyping import Float, Int
 
-from .core import guard, progress_bar, run_hooked
+from . import _tl
+from .core import extractor, guard, progress_bar, run_hooked
 from .errors import InputError
-from .inputs import check_finite, model_device
+from .inputs import check_finite, checkpoint_list, head_name, materialise, model_device
 from .models import str_tokens
+from .results import Result, Table
 
-__all__ = ["InductionEmergence", "InductionHeads", "induction_emergence", "induction_heads",
-           "k_composition_scores", "repeated_tokens"]
+# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
 
+__all__ = ["InductionEmergence", "InductionHeads", "composition_scores", "induction_emergence",
+           "induction_heads", "k_composition_scores", "repeated_tokens"]
 
-def _name(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
+Kind = Literal["K", "Q", "V"]
 
 
 def _bos_of(model: Any) -> int | None:
@@ -48,7 +51,7 @@ def _bos_of(model: Any) -> int | None:
 
 
 def repeated_tokens(model: Any, half: int = 100, batch: int = 16, *, seed: int = 0,
-                    bos: int | str | None = "auto") -> torch.Tensor:
+                    bos: int | str | None = "auto") -> Int[torch.Tensor, "batch pos"]:
     """[batch, o + 2 half] sequences ``[bos] r_1..r_half r_1..r_half`` of uniform random
     tokens (``torch.Generator`` seeded with ``seed``; the BOS id is never drawn). ``bos``:
     a token id, None (no prefix) or 'auto' (the tokenizer's BOS, if it has one); o = 1
@@ -76,55 +79,93 @@ def repeated_tokens(model: Any, half: int = 100, batch: int = 16, *, seed: int =
     return torch.cat(parts, dim=1)
 
 
-def _ln1_gain(model: Any, layer: int) -> torch.Tensor | None:
-    from .smoothing import _norm_scale
+# --------------------------------------------------------------------------- composition
+def _tl_composition_scores() -> Any:
+    """TransformerLens's factored ``composition_scores`` (``utilities`` on TL 4, ``utils`` on TL 2)."""
+    try:
+        from transformer_lens.utilities import composition_scores
+    except ImportError:  # TransformerLens 2.x
+        from transformer_lens.utils import composition_scores
+    return composition_scores
 
-    g = _norm_scale(model, layer, "ln1")
-    return None if g is None else g.detach()
+
+def _ln1_gains(model: Any) -> torch.Tensor | None:
+    """[L, d] the gain of every layer's ln1 (None when a layer has none, or it is folded)."""
+    gains = [_tl.norm_scale(model, l, "ln1") for l in range(model.cfg.n_layers)]
+    if any(g is None for g in gains):
+        return None
+    return torch.stack([g.detach().double().cpu() for g in gains])
 
 
-def k_composition_scores(model: Any) -> torch.Tensor:
-    """[L, H, L, H] K-composition of head (l1, h1) into the keys of head (l2, h2).
+def _circuits(model: Any, kind: str, ln_gain: bool) -> tuple[Any, Any]:
+    """(left, right) factored [L, H, d, d] circuits whose product is the composed matrix:
+    left = OV of the source heads; right = QK^T (K), QK (Q) or OV (V) of the destination
+    heads, as they read the residual stream (with ``ln_gain`` the destination ln1's gain g:
+    QK' = diag(g) QK diag(g), OV' = diag(g) OV). TransformerLens's ``model.OV`` /
+    ``model.QK`` expand grouped K/V heads to every query head."""
+    from transformer_lens import FactoredMatrix
+
+    if kind not in ("K", "Q", "V"):
+        raise InputError(f"kind must be 'K', 'Q' or 'V', got {kind!r}.")
+    with torch.no_grad():
+        ov, qk = model.OV, model.QK
+        left = FactoredMatrix(ov.A.detach().double().cpu(), ov.B.detach().double().cpu())
+        m = ov if kind == "V" else qk
+        A, B = m.A.detach().double().cpu(), m.B.detach().double().cpu()
+    g = _ln1_gains(model) if ln_gain else None
+    if g is not None:
+        A = g[:, None, :, None] * A
+        if kind != "V":
+            B = B * g[:, None, None, :]
+    right = FactoredMatrix(A, B)
+    return left, (right.T if kind == "K" else right)
+
+
+def composition_scores(model: Any, kind: Kind = "K", *, ln_gain: bool = False
+                       ) -> Float[torch.Tensor, "layer head layer head"]:
+    """[L, H, L, H] composition score of head (l1, h1) into head (l2, h2), NaN for l1 >= l2.
 
     Elhage et al. (2021), in TransformerLens's row convention (the residual gains
-    ``x OV``, a head scores ``r_q QK r_k^T``):
+    ``x OV``, a head scores ``r_q QK r_k^T``): with C the composed matrix,
+    score = ||C||_F / (||OV_src||_F ||M_dst||_F), where
+    ``K``: C = OV_src QK_dst^T (the source's output feeds the keys), ``Q``: C = OV_src QK_dst
+    (the queries), ``V``: C = OV_src OV_dst (the values). Computed as
+    ``HookedTransformer.all_composition_scores`` does, with TransformerLens's
+    ``FactoredMatrix`` and ``composition_scores`` (d_head x d_head products only);
+    grouped-query attention is handled by ``model.OV``/``model.QK``. ``ln_gain`` puts the
+    destination layer's ln1 gain into its circuit (folded models already hold it in the
+    weights); otherwise the weights are used as stored. The positional part of the
+    attention scores (rotary) is not in the weights and not in the score.
+    """
+    left, right = _circuits(model, kind, ln_gain)
+    scores = _tl_composition_scores()(left, right, broadcast_dims=True).double()
+    L = model.cfg.n_layers
+    later = (torch.arange(L)[:, None] < torch.arange(L)[None, :])[:, None, :, None]
+    return torch.where(later, scores, torch.full_like(scores, math.nan))
+
+
+def pair_composition(model: Any, src: tuple[int, int], dst: tuple[int, int], kind: Kind = "K",
+                     *, ln_gain: bool = False) -> float:
+    """The :func:`composition_scores` of one head pair ``src = (l1, h1)``, ``dst = (l2, h2)``
+    (any layers, the same factored computation)."""
+    left, right = _circuits(model, kind, ln_gain)
+    (l1, h1), (l2, h2) = src, dst
+    return float(_tl_composition_scores()(left[l1, h1], right[l2, h2], broadcast_dims=False))
+
+
+def k_composition_scores(model: Any) -> Float[torch.Tensor, "layer head layer head"]:
+    """[L, H, L, H] K-composition of head (l1, h1) into the keys of head (l2, h2):
+    :func:`composition_scores` with ``kind='K'`` and the destination's ln1 gain,
 
         K(src, dst) = ||OV_src QK'_dst^T||_F / (||OV_src||_F ||QK'_dst||_F),
 
-    with ``QK'_dst = diag(g) W_Q W_K^T diag(g)`` the query-key circuit as it acts on the
-    residual stream, ``g`` the gain of the destination layer's ln1 (RMSNorm/LayerNorm
-    weight; folded models already hold it in W_Q/W_K and have g = 1). The positional
-    part of the scores (rotary) is not in the weights and not in the score. Computed
-    with ``FactoredMatrix`` (d_head x d_head products only); NaN where l1 >= l2.
-    Grouped-query attention is handled by ``model.OV``/``model.QK``, which expand the
-    key/value heads to every query head.
-    """
-    from transformer_lens import FactoredMatrix
-
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    with torch.no_grad():
-        ov = model.OV
-        qk = model.QK
-        W_Q = qk.A.detach().double()  # [L, H, d, d_head]
-        W_Kt = qk.B.detach().double()  # [L, H, d_head, d]
-        gains = [_ln1_gain(model, l) for l in range(L)]
-        if all(g is not None for g in gains):
-            g = torch.stack([gg.to(W_Q.device, torch.float64) for gg in gains])  # [L, d]
-            W_Q = g[:, None, :, None] * W_Q
-            W_Kt = W_Kt * g[:, None, None, :]
-        # right = QK'^T = (diag(g) W_K)(diag(g) W_Q)^T as a factored d x d matrix
-        right = FactoredMatrix(W_Kt.transpose(-1, -2), W_Q.transpose(-1, -2))
-        left = FactoredMatrix(ov.A.detach().double(), ov.B.detach().double())
-        left = left.unsqueeze(2).unsqueeze(3)  # [L, H, 1, 1, d, d]
-        right = right.unsqueeze(0).unsqueeze(0)  # [1, 1, L, H, d, d]
-        scores = (left @ right).norm() / (left.norm() * right.norm())
-    mask = torch.arange(L)[:, None] < torch.arange(L)[None, :]  # l1 < l2
-    out = torch.full((L, H, L, H), float("nan"), dtype=torch.float64)
-    keep = mask[:, None, :, None].expand(L, H, L, H)
-    out[keep] = scores.cpu().double()[keep]
-    return out
+    ``QK'_dst = diag(g) W_Q W_K^T diag(g)`` the query-key circuit as it acts on the
+    residual stream (RMSNorm/LayerNorm weight g; folded models have g = 1). NaN where
+    l1 >= l2."""
+    return composition_scores(model, "K", ln_gain=True)
 
 
+# --------------------------------------------------------------------------- scores and losses
 def _half_losses(logits: torch.Tensor, toks: torch.Tensor, o: int, half: int) -> tuple[float, float]:
     """Mean next-token cross-entropy predicting r_2..r_h in the first copy and in the
     repeated copy (r_1 of the repeat is predictable by neither induction nor bigrams)."""
@@ -150,30 +191,44 @@ def _scores_and_losses(model: Any, toks: torch.Tensor, o: int, half: int
     return prev, ind, first, second, example
 
 
+def _attention_figure_view(fig: Any, title: str, summary: dict[str, Any], attention: Any) -> Any:
+    """figure + summary (:func:`views.figure_view`) followed by a circuitsvis view."""
+    from .views import View, figure_view
+
+    view = figure_view(fig, title, summary)
+    return View(view.body + attention.fragment(include_bundle=False), title=title, needs_bundle=True)
+
+
 @dataclass(frozen=True)
-class InductionHeads:
+class InductionHeads(Result):
     """Previous-token and induction heads of a model (the induction circuit as a stack).
 
-    previous_token: [L, H] mean attention A[q, q-1] over the repeated half's queries q.
-    induction:      [L, H] mean attention A[q, q-half+1] (the token after the earlier
-                    occurrence of q's token).
+    previous_token: [layer, head] mean attention A[q, q-1] over the repeated half's queries q.
+    induction:      [layer, head] mean attention A[q, q-half+1] (the token after the
+                    earlier occurrence of q's token).
     uniform:        the mean of 1/(q+1) over those queries: what a head attending
                     uniformly to the causal past would score on either.
     threshold:      score from which a head counts; ``induction_heads`` and
                     ``previous_token_heads`` list them (strongest first).
-    composition:    [L, H, L, H] K-composition (:func:`k_composition_scores`), NaN for
-                    l1 >= l2.
+    composition:    [src_layer, src_head, dst_layer, dst_head] K-composition
+                    (:func:`k_composition_scores`), NaN for src_layer >= dst_layer.
     pairs:          for each (previous-token head, later induction head): its
                     K-composition, and its percentile and z-score among all head pairs
                     (l1 < l2) of the model.
     loss_first / loss_second: mean next-token loss on the first half and on the repeat.
-    ablation:       [L, H, 2] loss on (first half, repeat) with head (l, h) mean-ablated
-                    (its ``hook_z`` replaced by its mean over batch and positions); None
-                    when not computed.
+    ablation:       [layer, head, half] loss on (first half, repeat) with head (l, h)
+                    mean-ablated (its ``hook_z`` replaced by its mean over batch and
+                    positions); None when not computed.
     ablation_all:   (first, repeat) loss with all detected induction heads ablated at once.
-    tokens, str_tokens, example_pattern [L, H, n, n]: the inputs and the first sequence's
-                    attention, for views.
+    tokens:         [prompt, pos] the inputs; ``str_tokens`` their strings.
+    example_pattern: [layer, head, query, key] the first sequence's attention, for views.
     """
+
+    AXES: ClassVar = {"previous_token": ("layer", "head"), "induction": ("layer", "head"),
+                      "composition": ("src_layer", "src_head", "dst_layer", "dst_head"),
+                      "ablation": ("layer", "head", "half"), "tokens": ("prompt", "pos"),
+                      "example_pattern": ("layer", "head", "query", "key")}
+    TITLE: ClassVar = "Induction heads"
 
     previous_token: torch.Tensor
     induction: torch.Tensor
@@ -197,7 +252,12 @@ class InductionHeads:
     def best(self) -> tuple[str, float]:
         """The strongest induction head and its score."""
         i = int(self.induction.argmax())
-        return _name(*divmod(i, self.induction.shape[1])), float(self.induction.max())
+        return head_name(*divmod(i, self.induction.shape[1])), float(self.induction.max())
+
+    @property
+    def strongest_pair(self) -> dict | None:
+        """The detected (previous-token, induction) pair with the largest K-composition."""
+        return max(self.pairs, key=lambda p: p["k_composition"], default=None)
 
     @property
     def in_context_gain(self) -> float:
@@ -227,24 +287,19 @@ class InductionHeads:
                                              "loss_second": self.ablation_all[1]}
         return out
 
-    def to_dataframe(self) -> Any:
-        """One row per head: scores, roles, and the ablation losses."""
-        import pandas as pd
-
+    def _table(self) -> Table:
+        """One row per head: scores, role, and the ablation losses."""
         L, H = self.induction.shape
-        rows = []
-        for l in range(L):
-            for h in range(H):
-                n = _name(l, h)
-                r = dict(name=n, layer=l, head=h, previous_token=float(self.previous_token[l, h]),
-                         induction=float(self.induction[l, h]),
-                         role=("induction" if n in self.induction_heads else
-                               "previous-token" if n in self.previous_token_heads else ""))
-                if self.ablation is not None:
-                    r["ablated_loss_first"] = float(self.ablation[l, h, 0])
-                    r["ablated_loss_second"] = float(self.ablation[l, h, 1])
-                rows.append(r)
-        return pd.DataFrame(rows)
+        names = [[head_name(l, h) for h in range(H)] for l in range(L)]
+        role = [["induction" if n in self.induction_heads else
+                 "previous-token" if n in self.previous_token_heads else "" for n in row] for row in names]
+        lh = ("layer", "head")
+        cols: dict[str, Any] = {"name": (lh, names), "previous_token": (lh, self.previous_token),
+                                "induction": (lh, self.induction), "role": (lh, role)}
+        if self.ablation is not None:
+            cols.update(ablated_loss_first=(lh, self.ablation[..., 0]),
+                        ablated_loss_second=(lh, self.ablation[..., 1]))
+        return Table(self._grid("induction"), cols)
 
     def plot(self) -> Any:
         """Score heatmaps, the K-composition of every pair (detected pairs marked), and the
@@ -267,18 +322,20 @@ class InductionHeads:
         axes[2].set_title("K-composition: all pairs (grey), detected (red)", fontsize=9)
         axes[2].set_xlabel("K-composition")
         if has_abl:
-            L, H = self.induction.shape
-            x = torch.arange(L * H).numpy()
-            axes[3].bar(x, (self.ablation[..., 1] - self.loss_second).flatten().numpy(), label="repeat")
-            axes[3].bar(x, (self.ablation[..., 0] - self.loss_first).flatten().numpy(), alpha=0.6,
-                        label="first half")
-            axes[3].set_xticks(x, [_name(l, h) for l in range(L) for h in range(H)], rotation=90,
-                               fontsize=6)
-            axes[3].set_ylabel("loss increase (nats)")
-            axes[3].set_title("mean-ablating one head", fontsize=9)
-            axes[3].legend(fontsize=7)
+            self._plot_ablation(axes[3])
         fig.tight_layout()
         return fig
+
+    def _plot_ablation(self, ax: Any) -> None:
+        L, H = self.induction.shape
+        x = torch.arange(L * H).numpy()
+        ax.bar(x, (self.ablation[..., 1] - self.loss_second).flatten().numpy(), label="repeat")
+        ax.bar(x, (self.ablation[..., 0] - self.loss_first).flatten().numpy(), alpha=0.6,
+               label="first half")
+        ax.set_xticks(x, [head_name(l, h) for l in range(L) for h in range(H)], rotation=90, fontsize=6)
+        ax.set_ylabel("loss increase (nats)")
+        ax.set_title("mean-ablating one head", fontsize=9)
+        ax.legend(fontsize=7)
 
     def attention_view(self, max_tokens: int = 64) -> Any:
         """circuitsvis view of the strongest induction and previous-token heads on the
@@ -295,39 +352,88 @@ class InductionHeads:
         att = torch.stack([sub[li, hi], sub[lp_, hp]])
         att = att / att.sum(-1, keepdim=True).clamp_min(1e-12)  # rows cut at `start` renormalised
         return attention_heads(att, self.str_tokens[0][start:end],
-                               [f"{_name(li, hi)} (induction)", f"{_name(lp_, hp)} (previous token)"],
+                               [f"{head_name(li, hi)} (induction)", f"{head_name(lp_, hp)} (previous token)"],
                                title="induction circuit")
 
     def show(self) -> Any:
-        import matplotlib.pyplot as plt
-
-        from .views import View, figure_html
-
-        fig = self.plot()
-        img = figure_html(fig, alt="induction heads")
-        plt.close(fig)
-        view = self.attention_view()
-        return View(img + view.fragment(include_bundle=False), title="induction heads",
-                    needs_bundle=True)
+        """The figure, the summary and the circuitsvis view of the circuit."""
+        return _attention_figure_view(self.plot(), self.TITLE, self.summary(), self.attention_view())
 
 
-def _ablate_hook(head_sets: Sequence[int]):
-    def fn(z: torch.Tensor) -> torch.Tensor:
+def ablation_hook(heads: Sequence[int], mode: Literal["mean", "zero"] = "mean") -> Any:
+    """A ``hook_z`` function that replaces ``heads``' outputs by zero or their mean over
+    batch and positions."""
+    def fn(z: torch.Tensor, hook: Any = None) -> torch.Tensor:
         z = z.clone()
-        for h in head_sets:
-            z[:, :, h] = z[:, :, h].mean(dim=(0, 1))
+        for h in heads:
+            z[:, :, h] = 0.0 if mode == "zero" else z[:, :, h].mean(dim=(0, 1))
         return z
     return fn
 
 
 def _ablated_losses(model: Any, toks: torch.Tensor, heads: dict[int, list[int]], o: int,
                     half: int) -> tuple[float, float]:
-    inject = {f"blocks.{l}.attn.hook_z": _ablate_hook(hs) for l, hs in heads.items()}
+    inject = {f"blocks.{l}.attn.hook_z": ablation_hook(hs) for l, hs in heads.items()}
     with torch.no_grad():
         logits = run_hooked(model, toks, ["logits"], inject, stop_early=False)["logits"]
     return _half_losses(logits, toks, o, half)
 
 
+def _repeated_input(model: Any, tokens: Any, half: int, batch: int, seed: int,
+                    bos: int | str | None) -> tuple[torch.Tensor, int]:
+    """(sequences on the model's device, offset o of the first copy): ``tokens`` checked,
+    or :func:`repeated_tokens`."""
+    if tokens is None:
+        toks = repeated_tokens(model, half, batch, seed=seed, bos=bos)
+    else:
+        toks = torch.as_tensor(tokens).long()
+        if toks.ndim != 2 or (toks.shape[1] - 2 * half) not in (0, 1):
+            raise InputError(f"tokens must be [batch, 2*half] or [batch, 1 + 2*half] with half ="
+                             f" {half}, got {tuple(toks.shape)}.")
+    o = toks.shape[1] - 2 * half
+    if not torch.equal(toks[:, o: o + half], toks[:, o + half:]):
+        raise InputError("tokens must repeat their first half exactly (r_1..r_h r_1..r_h).")
+    return toks.to(model_device(model)), o
+
+
+def _heads_above(score: torch.Tensor, threshold: float) -> list[tuple[int, int]]:
+    """(layer, head) with ``score >= threshold``, strongest first."""
+    L, H = score.shape
+    return sorted(((l, h) for l in range(L) for h in range(H) if score[l, h] >= threshold),
+                  key=lambda lh: -float(score[lh]))
+
+
+def _circuit_pairs(prev_heads: list, ind_heads: list, comp: torch.Tensor) -> tuple[dict, ...]:
+    """Each previous-token head before each induction head: K-composition, percentile, z."""
+    finite = comp[torch.isfinite(comp)]
+    pairs = []
+    for (l1, h1) in prev_heads:
+        for (l2, h2) in ind_heads:
+            if l1 < l2:
+                c = float(comp[l1, h1, l2, h2])
+                pairs.append({"previous_token_head": head_name(l1, h1), "induction_head": head_name(l2, h2),
+                              "k_composition": c, "percentile": float((finite <= c).double().mean()),
+                              "z": float((c - finite.mean()) / finite.std()) if finite.numel() > 1 else math.nan})
+    return tuple(pairs)
+
+
+def _ablation_losses(model: Any, toks: torch.Tensor, ind_heads: list, o: int, half: int,
+                     progress: bool) -> tuple[torch.Tensor, tuple[float, float] | None]:
+    """[L, H, 2] losses with each head mean-ablated, and with every induction head at once."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    abl = torch.zeros(L, H, 2, dtype=torch.float64)
+    cells = [(l, h) for l in range(L) for h in range(H)]
+    for l, h in progress_bar(cells, progress, "ablating heads"):
+        abl[l, h] = torch.tensor(_ablated_losses(model, toks, {l: [h]}, o, half), dtype=torch.float64)
+    if not ind_heads:
+        return abl, None
+    by_layer: dict[int, list[int]] = {}
+    for l, h in ind_heads:
+        by_layer.setdefault(l, []).append(h)
+    return abl, _ablated_losses(model, toks, by_layer, o, half)
+
+
+@extractor
 def induction_heads(
     model: Any,
     *,
@@ -335,7 +441,7 @@ def induction_heads(
     batch: int = 16,
     seed: int = 0,
     bos: int | str | None = "auto",
-    tokens: torch.Tensor | None = None,
+    tokens: Int[torch.Tensor, "batch pos"] | None = None,
     threshold: float = 0.2,
     ablate: bool = True,
     progress: bool = True,
@@ -361,73 +467,40 @@ def induction_heads(
     """
     if not 0.0 < float(threshold) < 1.0:
         raise InputError(f"threshold must lie in (0, 1), got {threshold!r}.")
-    with guard(model):
-        if tokens is None:
-            toks = repeated_tokens(model, half, batch, seed=seed, bos=bos)
-            o = 0 if (bos if bos != "auto" else _bos_of(model)) is None else 1
-        else:
-            toks = torch.as_tensor(tokens).long()
-            if toks.ndim != 2 or (toks.shape[1] - 2 * half) not in (0, 1):
-                raise InputError(f"tokens must be [batch, 2*half] or [batch, 1 + 2*half] with half ="
-                                 f" {half}, got {tuple(toks.shape)}.")
-            o = toks.shape[1] - 2 * half
-            if not torch.equal(toks[:, o: o + half], toks[:, o + half:]):
-                raise InputError("tokens must repeat their first half exactly (r_1..r_h r_1..r_h).")
-        toks = toks.to(model_device(model))
-        L, H = model.cfg.n_layers, model.cfg.n_heads
-        prev, ind, first, second, example = _scores_and_losses(model, toks, o, half)
-        comp = k_composition_scores(model)
-        ind_heads = sorted(((l, h) for l in range(L) for h in range(H) if ind[l, h] >= threshold),
-                           key=lambda lh: -float(ind[lh]))
-        prev_heads = sorted(((l, h) for l in range(L) for h in range(H) if prev[l, h] >= threshold),
-                            key=lambda lh: -float(prev[lh]))
-        finite = comp[torch.isfinite(comp)]
-        pairs = []
-        for (l1, h1) in prev_heads:
-            for (l2, h2) in ind_heads:
-                if l1 < l2:
-                    c = float(comp[l1, h1, l2, h2])
-                    pairs.append({"previous_token_head": _name(l1, h1), "induction_head": _name(l2, h2),
-                                  "k_composition": c,
-                                  "percentile": float((finite <= c).double().mean()),
-                                  "z": float((c - finite.mean()) / finite.std())
-                                  if finite.numel() > 1 else math.nan})
-        abl = abl_all = None
-        if ablate:
-            abl = torch.zeros(L, H, 2, dtype=torch.float64)
-            cells = [(l, h) for l in range(L) for h in range(H)]
-            for l, h in progress_bar(cells, progress, "ablating heads"):
-                abl[l, h] = torch.tensor(_ablated_losses(model, toks, {l: [h]}, o, half), dtype=torch.float64)
-            if ind_heads:
-                by_layer: dict[int, list[int]] = {}
-                for l, h in ind_heads:
-                    by_layer.setdefault(l, []).append(h)
-                abl_all = _ablated_losses(model, toks, by_layer, o, half)
-        q = torch.arange(o + half, o + 2 * half, dtype=torch.float64)
-        return InductionHeads(
-            previous_token=prev, induction=ind, uniform=float((1.0 / (q + 1)).mean()),
-            threshold=float(threshold),
-            induction_heads=tuple(_name(*lh) for lh in ind_heads),
-            previous_token_heads=tuple(_name(*lh) for lh in prev_heads),
-            composition=comp, pairs=tuple(pairs), loss_first=first, loss_second=second,
-            ablation=abl, ablation_all=abl_all, half=half, offset=o, tokens=toks.cpu(),
-            str_tokens=str_tokens(model, toks[:1]), example_pattern=example,
-        )
+    toks, o = _repeated_input(model, tokens, half, batch, seed, bos)
+    prev, ind, first, second, example = _scores_and_losses(model, toks, o, half)
+    comp = k_composition_scores(model)
+    ind_heads, prev_heads = _heads_above(ind, threshold), _heads_above(prev, threshold)
+    abl, abl_all = _ablation_losses(model, toks, ind_heads, o, half, progress) if ablate else (None, None)
+    q = torch.arange(o + half, o + 2 * half, dtype=torch.float64)
+    return InductionHeads(
+        previous_token=prev, induction=ind, uniform=float((1.0 / (q + 1)).mean()),
+        threshold=float(threshold),
+        induction_heads=tuple(head_name(*lh) for lh in ind_heads),
+        previous_token_heads=tuple(head_name(*lh) for lh in prev_heads),
+        composition=comp, pairs=_circuit_pairs(prev_heads, ind_heads, comp),
+        loss_first=first, loss_second=second, ablation=abl, ablation_all=abl_all, half=half,
+        offset=o, tokens=toks.cpu(), str_tokens=str_tokens(model, toks[:1]), example_pattern=example,
+    )
 
 
 # --------------------------------------------------------------------------- emergence
 @dataclass(frozen=True)
-class InductionEmergence:
+class InductionEmergence(Result):
     """The induction circuit along training checkpoints.
 
-    steps:           [C] checkpoint steps.
-    induction:       [C, L, H] induction scores; ``previous_token`` likewise.
-    loss_first / loss_second: [C] loss on the first half and on the repeat.
+    steps:           the checkpoint steps (the ``step`` axis).
+    induction:       [step, layer, head] induction scores; ``previous_token`` likewise.
+    loss_first / loss_second: [step] loss on the first half and on the repeat.
     emerged_at:      first step from which the best induction score stays >= threshold
                      (None if it never does).
     loss_drop_at:    first step from which the repeat's loss stays at least ``min_gain``
                      nats below the first half's (the in-context loss drop; None if never).
     """
+
+    AXES: ClassVar = {"induction": ("step", "layer", "head"), "previous_token": ("step", "layer", "head"),
+                      "loss_first": ("step",), "loss_second": ("step",)}
+    TITLE: ClassVar = "Induction heads during training"
 
     steps: tuple[int, ...]
     induction: torch.Tensor
@@ -441,28 +514,33 @@ class InductionEmergence:
 
     @property
     def best_induction(self) -> torch.Tensor:
-        """[C] the best head's induction score at each checkpoint."""
+        """[step] the best head's induction score at each checkpoint."""
         return self.induction.flatten(1).amax(1)
 
     @property
     def in_context_gain(self) -> torch.Tensor:
-        """[C] loss_first - loss_second."""
+        """[step] loss_first - loss_second."""
         return self.loss_first - self.loss_second
 
-    def to_dataframe(self) -> Any:
-        import pandas as pd
+    def _coords(self) -> dict[str, Sequence[Any]]:
+        return {"step": list(self.steps)}
 
+    def _table(self) -> Table:
+        """One row per checkpoint: the best heads' scores and the two halves' losses."""
         H = self.induction.shape[2]
-        rows = []
-        for c, s in enumerate(self.steps):
-            i = int(self.induction[c].argmax())
-            rows.append(dict(step=s, best_induction_head=_name(*divmod(i, H)),
-                             best_induction=float(self.best_induction[c]),
-                             best_previous_token=float(self.previous_token[c].max()),
-                             loss_first=float(self.loss_first[c]),
-                             loss_second=float(self.loss_second[c]),
-                             in_context_gain=float(self.in_context_gain[c])))
-        return pd.DataFrame(rows)
+        best = [head_name(*divmod(int(i), H)) for i in self.induction.flatten(1).argmax(1)]
+        s = ("step",)
+        return Table(self._grid("loss_first"), {
+            "best_induction_head": (s, best), "best_induction": (s, self.best_induction),
+            "best_previous_token": (s, self.previous_token.flatten(1).amax(1)),
+            "loss_first": (s, self.loss_first), "loss_second": (s, self.loss_second),
+            "in_context_gain": (s, self.in_context_gain)})
+
+    def summary(self) -> dict[str, Any]:
+        return {"emerged_at": self.emerged_at, "loss_drop_at": self.loss_drop_at,
+                "final_best_induction": float(self.best_induction[-1]),
+                "final_in_context_gain": float(self.in_context_gain[-1]),
+                "threshold": self.threshold, "min_gain": self.min_gain}
 
     def plot(self, heldout_loss: Sequence[float] | None = None) -> Any:
         """Best induction and previous-token scores, and the two halves' losses (plus an
@@ -490,9 +568,10 @@ class InductionEmergence:
         return fig
 
 
-def _stays_from(values: Sequence[bool], steps: Sequence[int]) -> int | None:
+def stays_from(flags: Sequence[bool], steps: Sequence[int]) -> int | None:
+    """The first step from which every later flag is true (None when the last is false)."""
     at = None
-    for s, ok in zip(steps, values):
+    for s, ok in zip(steps, flags):
         at = (s if at is None else at) if ok else None
     return at
 
@@ -518,29 +597,22 @@ def induction_emergence(
     Olsson et al. (2022) find the induction head and the in-context loss drop at the same
     point of training; ``emerged_at`` and ``loss_drop_at`` say where each happens here.
     """
-    from .inputs import checkpoint_list, materialise
-
     pairs = checkpoint_list(checkpoints, steps)
-    ind, prev, lf, ls, done = [], [], [], [], []
+    rows, done = [], []
     toks = None
     for step, ck in progress_bar(pairs, progress, "checkpoints", len(pairs)):
         m = materialise(ck)
         with guard(m):
             if toks is None:
                 toks = repeated_tokens(m, half, batch, seed=seed, bos=bos)
-                o = toks.shape[1] - 2 * half
-            p, i, f, s, _ = _scores_and_losses(m, toks.to(model_device(m)), o, half)
-        ind.append(i)
-        prev.append(p)
-        lf.append(f)
-        ls.append(s)
+            rows.append(_scores_and_losses(m, toks.to(model_device(m)), toks.shape[1] - 2 * half, half)[:4])
         done.append(step)
-    ind_t, prev_t = torch.stack(ind), torch.stack(prev)
+    prev, ind, lf, ls = zip(*rows)
     lf_t, ls_t = torch.tensor(lf, dtype=torch.float64), torch.tensor(ls, dtype=torch.float64)
-    best = ind_t.flatten(1).amax(1)
+    ind_t = torch.stack(ind)
     return InductionEmergence(
-        steps=tuple(done), induction=ind_t, previous_token=prev_t, loss_first=lf_t, loss_second=ls_t,
-        threshold=float(threshold), min_gain=float(min_gain),
-        emerged_at=_stays_from((best >= threshold).tolist(), done),
-        loss_drop_at=_stays_from(((lf_t - ls_t) >= min_gain).tolist(), done),
+        steps=tuple(done), induction=ind_t, previous_token=torch.stack(prev), loss_first=lf_t,
+        loss_second=ls_t, threshold=float(threshold), min_gain=float(min_gain),
+        emerged_at=stays_from((ind_t.flatten(1).amax(1) >= threshold).tolist(), done),
+        loss_drop_at=stays_from(((lf_t - ls_t) >= min_gain).tolist(), done),
     )

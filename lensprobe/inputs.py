@@ -27,6 +27,8 @@ __all__ = [
     "check_float_dtype",
     "as_dtype",
     "dtype_name",
+    "insert_separators",
+    "int_ids",
     "model_device",
     "move_model",
     "resolve_device",
@@ -260,6 +262,49 @@ def index_list(values: Any, what: str, example: str) -> list[int]:
             f" e.g. {example}."
         )
     return [operator.index(v) for v in values]
+
+
+def insert_separators(items: Sequence[int], sep: int, every: int | None) -> list[int]:
+    """``sep`` after every ``every`` items, never at the end (``every=None``: unchanged).
+
+    The one way a sequence of items gets separator tokens: the counting tasks' inputs and
+    the collapse pairs of :func:`lensprobe.oversquash.pair_sequences`."""
+    if not every:
+        return list(items)
+    out: list[int] = []
+    for k, t in enumerate(items, 1):
+        out.append(t)
+        if k % every == 0 and k < len(items):
+            out.append(sep)
+    return out
+
+
+def int_ids(values: Any, what: str, ndim: int) -> torch.Tensor:
+    """``values`` as an integer tensor with ``ndim`` dimensions, or a clear InputError.
+
+    Never truncates: float ids (0.5), text and nested lists of the wrong depth are errors.
+    """
+    if isinstance(values, (str, bytes)):
+        raise InputError(
+            f"{what} is text ({values!r:.60}); pass token ids (ints). Tokenise text first"
+            " (model.to_tokens, or the task's vocabulary)."
+        )
+    try:
+        t = values if isinstance(values, torch.Tensor) else torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(
+            f"cannot read {what} as token ids ({type(values).__name__}: {e}); pass a tensor or"
+            " (nested) lists of ints."
+        ) from e
+    if t.ndim != ndim:
+        shape = "[n]" if ndim == 1 else "[n, T] (or a list of id lists)"
+        raise InputError(f"{what} must have shape {shape}, got shape {tuple(t.shape)}.")
+    if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise InputError(
+            f"{what} must be integer token ids, got dtype {t.dtype}; float ids are not rounded"
+            " or truncated. Pass ints (e.g. tensor.long() if the values are whole numbers)."
+        )
+    return t
 
 
 def check_layers(model: Any, layers: Sequence[int] | int | None) -> list[int]:

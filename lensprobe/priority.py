@@ -23,7 +23,8 @@ attention mass per token, p(v) = sum_t s_t 1[x_t = v]; the loss is -log p(y).
   cos(W, W_svm), ||P_fin W - W_fin||_F, cos(W - P_fin W, W_svm), attention mass on the
   retrieved SCC, within-SCC split against softmax of W_fin scores, and the head's own
   ("local") priority graph compared edge by edge with the data's.
-* :func:`retrieval_graph_view` -- a self-contained HTML/SVG page of all of it.
+* :func:`retrieval_graph_view` -- a self-contained HTML/SVG page of all of it (laid out
+  here, drawn by :func:`lensprobe.views.graph_view`).
 """
 
 from __future__ import annotations
@@ -33,16 +34,30 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 
 from . import _tl
-from .core import guard, run_hooked
+from .core import extractor, progress_bar, renamed, run_hooked
 from .errors import InputError
-from .inputs import check_finite, check_head, check_layer, check_pattern, to_tokens
-from .views import View, escape
+from .inputs import (
+    check_finite,
+    check_head,
+    check_layer,
+    check_pattern,
+    checkpoint_list,
+    head_name,
+    int_ids,
+    materialise,
+    to_tokens,
+)
+from .results import Result, Table, frame
+from .tasks.base import IGNORE
+from .tasks.priority import FixedData
+from .views import GraphPanel, View, graph_view
 
 if TYPE_CHECKING:  # networkx loads on first use (import lensprobe stays light)
     import networkx as nx
@@ -64,6 +79,10 @@ __all__ = [
     "retrieval_graph_view",
 ]
 
+#: how a head's edge compares with the data's graph (see :class:`PriorityAlignment`)
+EdgeStatus = Literal["agree", "missed", "untested", "implied", "reversed", "unsupported"]
+RetrievalStatus = Literal["unique", "tie", "incomparable", "no ranked token", "unknown last token"]
+
 
 class InfeasibleError(InputError):
     """The Graph-SVM constraints admit no W (e.g. linearly dependent token embeddings)."""
@@ -71,8 +90,8 @@ class InfeasibleError(InputError):
 
 # =========================================================================== the graph
 @dataclass(frozen=True)
-class Retrieval:
-    """The hard-retrieval prediction for one input sequence.
+class Retrieval(Result):
+    """The hard-retrieval prediction for one input sequence (no tensors: one record).
 
     last_token:   k = the sequence's last token.
     tokens:       the retrieved tokens: the tokens present in the context that belong to
@@ -85,6 +104,8 @@ class Retrieval:
     known:        G^(k) exists (k was the last token of some training sample).
     """
 
+    TITLE: ClassVar = "hard retrieval"
+
     last_token: int
     tokens: tuple[int, ...]
     sccs: tuple[tuple[int, ...], ...]
@@ -94,7 +115,7 @@ class Retrieval:
     known: bool
 
     @property
-    def status(self) -> str:
+    def status(self) -> RetrievalStatus:
         if not self.known:
             return "unknown last token"
         if not self.tokens:
@@ -103,41 +124,37 @@ class Retrieval:
             return "incomparable"
         return "tie" if self.tie else "unique"
 
+    def _table(self) -> Table:
+        """One row: the record (token tuples stay tuples)."""
+        return Table({}, constants=dict(last_token=self.last_token, tokens=self.tokens, sccs=self.sccs,
+                                        status=self.status, unranked=self.unranked, known=self.known))
 
-def _int_ids(values: Any, what: str, ndim: int) -> torch.Tensor:
-    """``values`` as an integer tensor with ``ndim`` dimensions, or a clear InputError.
+    def summary(self) -> dict[str, Any]:
+        return dict(last_token=self.last_token, status=self.status, retrieved=len(self.tokens),
+                    sccs=len(self.sccs), unranked=len(self.unranked))
 
-    Never truncates: float ids (0.5), text and nested lists of the wrong depth are errors.
-    """
-    if isinstance(values, (str, bytes)):
-        raise InputError(
-            f"{what} is text ({values!r:.60}); pass token ids (ints). Tokenise text first"
-            " (model.to_tokens, or the task's vocabulary)."
-        )
-    try:
-        t = values if isinstance(values, torch.Tensor) else torch.as_tensor(values)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise InputError(
-            f"cannot read {what} as token ids ({type(values).__name__}: {e}); pass a tensor or"
-            " (nested) lists of ints."
-        ) from e
-    if t.ndim != ndim:
-        shape = "[n]" if ndim == 1 else "[n, T] (or a list of id lists)"
-        raise InputError(f"{what} must have shape {shape}, got shape {tuple(t.shape)}.")
-    if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
-        raise InputError(
-            f"{what} must be integer token ids, got dtype {t.dtype}; float ids are not rounded"
-            " or truncated. Pass ints (e.g. tensor.long() if the values are whole numbers)."
-        )
-    return t
+    def plot(self) -> Any:
+        """One bar per retrieved SCC (height = its present tokens, labelled by token id),
+        and one grey bar for the unranked tokens."""
+        import matplotlib.pyplot as plt
+
+        groups = [*self.sccs, *([self.unranked] if self.unranked else [])]
+        fig, ax = plt.subplots(figsize=(4, 2.6))
+        ax.bar(range(len(groups)), [len(g) for g in groups],
+               color=["#2a9d4b"] * len(self.sccs) + ["#aaaaaa"] * bool(self.unranked))
+        ax.set_xticks(range(len(groups)), [" ".join(map(str, g)) for g in groups])
+        ax.set_ylabel("present tokens")
+        ax.set_title(f"last token {self.last_token}: {self.status}")
+        fig.tight_layout()
+        return fig
 
 
 def _as_sequences(sequences: Any, labels: Any) -> tuple[list[tuple[int, ...]], list[int]]:
     if isinstance(sequences, (str, bytes)) or isinstance(sequences, torch.Tensor):
-        seqs = [tuple(row) for row in _int_ids(sequences, "sequences", 2).tolist()]
+        seqs = [tuple(row) for row in int_ids(sequences, "sequences", 2).tolist()]
     else:
-        seqs = [tuple(_int_ids(s, f"sequence {i}", 1).tolist()) for i, s in enumerate(sequences)]
-    labs = _int_ids(labels, "labels", 1).tolist()
+        seqs = [tuple(int_ids(s, f"sequence {i}", 1).tolist()) for i, s in enumerate(sequences)]
+    labs = int_ids(labels, "labels", 1).tolist()
     if len(seqs) != len(labs):
         raise InputError(f"got {len(seqs)} sequences but {len(labs)} labels; pass one label each.")
     if not seqs:
@@ -149,7 +166,8 @@ def _as_sequences(sequences: Any, labels: Any) -> tuple[list[tuple[int, ...]], l
     return seqs, labs
 
 
-class TokenPriorityGraph:
+@dataclass(frozen=True, eq=False)
+class TokenPriorityGraph(Result):
     """The token-priority graph of a dataset of (sequence, next token) pairs.
 
     For each last token k, G^(k) has the tokens of all sequences ending in k as nodes
@@ -167,30 +185,40 @@ class TokenPriorityGraph:
     lays them out by priority: level 0 holds the SCCs nothing outranks, level l the SCCs
     whose longest chain of outranking SCCs above them has length l.
 
+    Fields (the whole saved state; the graphs are rebuilt from them):
+
+    sequences: the samples' token ids, one tuple per sample (lengths may differ).
+    labels:    the next token of each sample.
+    n_tokens:  the vocabulary size (default: the largest id + 1, or ``len(vocab)``).
+    vocab:     token strings (default the ids as strings).
+
     Build with :meth:`from_data` (tensors or lists) or :meth:`from_batch` (a task Batch,
-    label = target at the last position).
+    label = target at the last position). ``to_dataframe()``: one row per edge;
+    :meth:`last_token_table`: one row per last token; ``show()``: the HTML graph view.
     """
 
-    def __init__(
-        self,
-        sequences: list[tuple[int, ...]],
-        labels: list[int],
-        *,
-        n_tokens: int | None = None,
-        vocab: Sequence[str] | None = None,
-    ):
-        self.sequences = sequences
-        self.labels = labels
-        top = max(max(max(s) for s in sequences), max(labels)) + 1
-        self.n_tokens = int(n_tokens) if n_tokens is not None else (len(vocab) if vocab else top)
-        if self.n_tokens < top:
-            raise InputError(f"token id {top - 1} is outside n_tokens={self.n_tokens}.")
-        self.vocab = list(vocab) if vocab is not None else [str(i) for i in range(self.n_tokens)]
-        if len(self.vocab) != self.n_tokens:
-            raise InputError(f"vocab has {len(self.vocab)} strings for {self.n_tokens} tokens.")
-        import networkx as nx
+    TITLE: ClassVar = "token-priority graph"
 
-        self.excluded = tuple(i for i, (seq, y) in enumerate(zip(sequences, labels)) if y not in seq)
+    sequences: tuple[tuple[int, ...], ...]
+    labels: tuple[int, ...]
+    n_tokens: int | None = field(default=None, kw_only=True)
+    vocab: list[str] | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        put = functools.partial(object.__setattr__, self)
+        sequences = tuple(tuple(int(t) for t in s) for s in self.sequences)
+        labels = tuple(int(y) for y in self.labels)
+        vocab = self.vocab
+        top = max(max(max(s) for s in sequences), max(labels)) + 1
+        n_tokens = int(self.n_tokens) if self.n_tokens is not None else (len(vocab) if vocab else top)
+        if n_tokens < top:
+            raise InputError(f"token id {top - 1} is outside n_tokens={n_tokens}.")
+        vocab = list(vocab) if vocab is not None else [str(i) for i in range(n_tokens)]
+        if len(vocab) != n_tokens:
+            raise InputError(f"vocab has {len(vocab)} strings for {n_tokens} tokens.")
+        for name, value in dict(sequences=sequences, labels=labels, n_tokens=n_tokens, vocab=vocab).items():
+            put(name, value)
+        put("excluded", tuple(i for i, (seq, y) in enumerate(zip(sequences, labels)) if y not in seq))
         if self.excluded:
             i = self.excluded[0]
             warnings.warn(
@@ -198,37 +226,27 @@ class TokenPriorityGraph:
                 f" their own context (e.g. sample {i}: label {labels[i]} not in"
                 f" {list(sequences[i])}); the paper's loss -log p(y) is infinite there, so they"
                 " add no edges to the token-priority graph (see TokenPriorityGraph.excluded).",
-                stacklevel=3,
+                stacklevel=4,
             )
-        graphs: dict[int, nx.DiGraph] = {}
-        for seq, y in zip(sequences, labels):
-            if y not in seq:
-                continue
-            g = graphs.setdefault(seq[-1], nx.DiGraph())
-            g.add_nodes_from(seq)
-            g.add_node(y)
-            for t in set(seq) - {y}:
-                if g.has_edge(y, t):
-                    g[y][t]["count"] += 1
-                else:
-                    g.add_edge(y, t, count=1)
-        self.graphs = dict(sorted(graphs.items()))
-        self._order: dict[int, tuple] = {}
+        put("graphs", _priority_graphs(sequences, labels))
+        put("_order", {})
 
     @classmethod
     def from_data(
-        cls, sequences: Any, labels: Any, *, n_tokens: int | None = None,
+        cls,
+        sequences: Int[torch.Tensor, "n pos"] | Sequence[Sequence[int]],
+        labels: Int[torch.Tensor, " n"] | Sequence[int],
+        *,
+        n_tokens: int | None = None,
         vocab: Sequence[str] | None = None,
     ) -> "TokenPriorityGraph":
-        """``sequences``: [n, T] tensor or a list of token-id lists; ``labels``: [n]."""
+        """``sequences``: [n, pos] tensor or a list of token-id lists; ``labels``: [n]."""
         seqs, labs = _as_sequences(sequences, labels)
         return cls(seqs, labs, n_tokens=n_tokens, vocab=vocab)
 
     @classmethod
     def from_batch(cls, batch: Any, *, vocab: Sequence[str] | None = None) -> "TokenPriorityGraph":
         """A task :class:`~lensprobe.tasks.base.Batch`: label = target at the last position."""
-        from .tasks.base import IGNORE
-
         labels = batch.targets[:, -1]
         if bool((labels == IGNORE).any()):
             raise InputError("some sequences have no target at the last position (IGNORE).")
@@ -239,13 +257,15 @@ class TokenPriorityGraph:
     def last_tokens(self) -> list[int]:
         return list(self.graphs)
 
-    def graph(self, k: int) -> nx.DiGraph:
-        if k not in self.graphs:
+    @renamed(k="last_token")
+    def graph(self, last_token: int) -> nx.DiGraph:
+        """G^(last_token)."""
+        if last_token not in self.graphs:
             raise InputError(
-                f"no sequence in the data ends in token {k}; last tokens with a graph:"
+                f"no sequence in the data ends in token {last_token}; last tokens with a graph:"
                 f" {self.last_tokens[:20]}."
             )
-        return self.graphs[k]
+        return self.graphs[last_token]
 
     def _structure(self, k: int) -> tuple:
         if k not in self._order:
@@ -267,41 +287,47 @@ class TokenPriorityGraph:
             self._order[k] = (sccs, levels, scc_id, below)
         return self._order[k]
 
-    def sccs(self, k: int) -> tuple[tuple[int, ...], ...]:
-        """SCCs of G^(k) (sorted token tuples), ordered by priority level, then token."""
-        return self._structure(k)[0]
+    @renamed(k="last_token")
+    def sccs(self, last_token: int) -> tuple[tuple[int, ...], ...]:
+        """SCCs of G^(last_token) (sorted token tuples), ordered by priority level, then token."""
+        return self._structure(last_token)[0]
 
-    def levels(self, k: int) -> tuple[int, ...]:
+    @renamed(k="last_token")
+    def levels(self, last_token: int) -> tuple[int, ...]:
         """The priority level of each SCC of :meth:`sccs` (0 = top)."""
-        return self._structure(k)[1]
+        return self._structure(last_token)[1]
 
-    def scc_index(self, k: int) -> dict[int, int]:
-        """token -> index into :meth:`sccs` for the nodes of G^(k)."""
-        return dict(self._structure(k)[2])
+    @renamed(k="last_token")
+    def scc_index(self, last_token: int) -> dict[int, int]:
+        """token -> index into :meth:`sccs` for the nodes of G^(last_token)."""
+        return dict(self._structure(last_token)[2])
 
-    def outranks(self, k: int, a: int, b: int) -> bool:
-        """True when G^(k) has a path a ~> b (a has priority over b, or they are tied)."""
+    @renamed(k="last_token")
+    def outranks(self, last_token: int, a: int, b: int) -> bool:
+        """True when G^(last_token) has a path a ~> b (a has priority over b, or they are tied)."""
         import networkx as nx
 
-        g = self.graph(k)
+        g = self.graph(last_token)
         return a in g and b in g and (a == b or nx.has_path(g, a, b))
 
     @property
     def is_acyclic(self) -> bool:
         return all(len(c) == 1 for k in self.graphs for c in self.sccs(k))
 
-    def within_pairs(self, k: int) -> list[tuple[int, int]]:
-        """Edges of G^(k) inside one SCC (equality constraints of the Graph-SVM)."""
-        sid = self._structure(k)[2]
-        return [(a, b) for a, b in self.graph(k).edges if sid[a] == sid[b]]
+    @renamed(k="last_token")
+    def within_pairs(self, last_token: int) -> list[tuple[int, int]]:
+        """Edges of G^(last_token) inside one SCC (equality constraints of the Graph-SVM)."""
+        sid = self._structure(last_token)[2]
+        return [(a, b) for a, b in self.graph(last_token).edges if sid[a] == sid[b]]
 
-    def cross_pairs(self, k: int) -> list[tuple[int, int]]:
-        """Edges of G^(k) between SCCs (margin constraints of the Graph-SVM)."""
-        sid = self._structure(k)[2]
-        return [(a, b) for a, b in self.graph(k).edges if sid[a] != sid[b]]
+    @renamed(k="last_token")
+    def cross_pairs(self, last_token: int) -> list[tuple[int, int]]:
+        """Edges of G^(last_token) between SCCs (margin constraints of the Graph-SVM)."""
+        sid = self._structure(last_token)[2]
+        return [(a, b) for a, b in self.graph(last_token).edges if sid[a] != sid[b]]
 
     # ------------------------------------------------------------------ retrieval
-    def retrieve(self, sequence: Any) -> Retrieval:
+    def retrieve(self, sequence: Int[torch.Tensor, " pos"] | Sequence[int]) -> Retrieval:
         """The hard-retrieval set of one sequence (last token = its last element)."""
         seq = [int(t) for t in (sequence.tolist() if isinstance(sequence, torch.Tensor) else sequence)]
         if not seq:
@@ -335,31 +361,36 @@ class TokenPriorityGraph:
         """All edges as (k, src, dst)."""
         return [(k, a, b) for k, g in self.graphs.items() for a, b in g.edges]
 
-    def to_dataframe(self) -> Any:
+    def _table(self) -> Table:
         """One row per edge: k, src, dst (ids and strings), count, same_scc, levels."""
-        import pandas as pd
+        edges = self.edges()
+        cols: dict[str, list] = {"count": [], "same_scc": [], "src_level": [], "dst_level": []}
+        for k, a, b in edges:
+            _, levels, sid, _ = self._structure(k)
+            for col, value in zip(cols, (self.graphs[k][a][b]["count"], sid[a] == sid[b],
+                                         levels[sid[a]], levels[sid[b]])):
+                cols[col].append(value)
+        columns = {c: (("edge",), np.asarray(v, dtype=bool if c == "same_scc" else np.int64))
+                   for c, v in cols.items()}
+        return Table({"edge": range(len(edges))}, {**_edge_columns(self.vocab, edges), **columns})
 
-        rows = []
-        for k, g in self.graphs.items():
-            sccs, levels, sid, _ = self._structure(k)
-            for a, b in g.edges:
-                rows.append(dict(
-                    k=k, src=a, dst=b, k_str=self.vocab[k], src_str=self.vocab[a],
-                    dst_str=self.vocab[b], count=g[a][b]["count"], same_scc=sid[a] == sid[b],
-                    src_level=levels[sid[a]], dst_level=levels[sid[b]],
-                ))
-        return pd.DataFrame(rows)
+    def last_token_table(self) -> Any:
+        """One row per last token k: nodes, edges, SCCs, the largest SCC, levels (a DataFrame)."""
+        ks = self.last_tokens
+        stats = np.array([(self.graphs[k].number_of_nodes(), self.graphs[k].number_of_edges(),
+                           len(self.sccs(k)), max(map(len, self.sccs(k))), max(self.levels(k)) + 1)
+                          for k in ks], dtype=np.int64).reshape(-1, 5)
+        names = ("nodes", "edges", "sccs", "largest_scc", "levels")
+        return frame(Table({"k": ks}, {"k_str": (("k",), [self.vocab[k] for k in ks]),
+                                       **{n: (("k",), stats[:, i]) for i, n in enumerate(names)}}))
 
-    def summary(self) -> Any:
-        """One row per last token: nodes, edges, SCCs, the largest SCC, levels."""
-        import pandas as pd
-
-        return pd.DataFrame([
-            dict(k=k, k_str=self.vocab[k], nodes=g.number_of_nodes(), edges=g.number_of_edges(),
-                 sccs=len(self.sccs(k)), largest_scc=max(len(c) for c in self.sccs(k)),
-                 levels=max(self.levels(k)) + 1)
-            for k, g in self.graphs.items()
-        ])
+    def summary(self) -> dict[str, Any]:
+        """Samples, last tokens, edges, SCCs, the largest SCC, acyclic, excluded samples."""
+        sccs = [c for k in self.graphs for c in self.sccs(k)]
+        return dict(samples=len(self.sequences), last_tokens=len(self.graphs),
+                    edges=sum(g.number_of_edges() for g in self.graphs.values()), sccs=len(sccs),
+                    largest_scc=max(map(len, sccs)) if sccs else 0, acyclic=self.is_acyclic,
+                    excluded=len(self.excluded))
 
     def plot(self, last_tokens: Sequence[int] | None = None, *, max_panels: int = 12) -> Any:
         """The graphs G^(k) as matplotlib panels, SCCs stacked by priority (top = level 0)."""
@@ -393,12 +424,41 @@ class TokenPriorityGraph:
 
     def show(self, alignment: "PriorityAlignment | None" = None, svm: "GraphSVM | None" = None,
              **kw: Any) -> View:
+        """The HTML/SVG view of :func:`retrieval_graph_view`."""
         return retrieval_graph_view(self, alignment=alignment, svm=svm, **kw)
 
     def __repr__(self) -> str:
         n_edges = sum(g.number_of_edges() for g in self.graphs.values())
         return (f"TokenPriorityGraph({len(self.sequences)} samples, {len(self.graphs)} last tokens,"
                 f" {n_edges} edges, {'acyclic' if self.is_acyclic else 'cyclic'})")
+
+
+def _priority_graphs(sequences: Sequence[tuple[int, ...]], labels: Sequence[int]) -> dict[int, nx.DiGraph]:
+    """{k: G^(k)} in last-token order, with edge counts; samples whose label is not in
+    their context add nothing."""
+    import networkx as nx
+
+    graphs: dict[int, nx.DiGraph] = {}
+    for seq, y in zip(sequences, labels):
+        if y not in seq:
+            continue
+        g = graphs.setdefault(seq[-1], nx.DiGraph())
+        g.add_nodes_from(seq)
+        for t in set(seq) - {y}:
+            if g.has_edge(y, t):
+                g[y][t]["count"] += 1
+            else:
+                g.add_edge(y, t, count=1)
+    return dict(sorted(graphs.items()))
+
+
+def _edge_columns(vocab: Sequence[str], edges: Sequence[tuple]) -> dict[str, tuple]:
+    """Table columns k, src, dst and their strings for edges (k, src, dst, ...), axis 'edge'."""
+    ids = np.asarray([e[:3] for e in edges], dtype=np.int64).reshape(-1, 3)
+    cols: dict[str, tuple] = {n: (("edge",), ids[:, i]) for i, n in enumerate(("k", "src", "dst"))}
+    cols.update({f"{n}_str": (("edge",), [vocab[t] for t in ids[:, i].tolist()])
+                 for i, n in enumerate(("k", "src", "dst"))})
+    return cols
 
 
 # =========================================================================== Graph-SVM
@@ -455,23 +515,31 @@ def _retrieval_loss(W: np.ndarray, E: np.ndarray, tok: np.ndarray, mask: np.ndar
 
 
 @dataclass(frozen=True)
-class GraphSVM:
+class GraphSVM(Result):
     """The Graph-SVM direction and the finite component of a token-priority graph.
 
-    W_svm:      [d, d] argmin ||W||_F s.t. (e_y - e_j)^T W e_k >= 1 for every edge
-                y -> j of G^(k) between SCCs and = 0 for every edge inside an SCC
-                (zeros when infeasible; see ``feasible``).
-    W_fin:      [d, d] argmin over S_fin of the reduced loss (mean over samples of
-                -log sum_{t: x_t=y} softmax(e_{x_t}^T W e_k) over the positions t whose
-                token lies in y's SCC of G^(k)).
-    fin_basis:  [r, d, d] orthonormal basis of S_fin = span{(e_i - e_j) e_k^T: i, j in
-                one SCC of G^(k)} (r = 0 when every SCC is a single token).
-    feasible:   whether the constraints admit a solution; ``message`` says why not.
-    margin:     min over cross-SCC edges of (e_y - e_j)^T W_svm e_k (1 when feasible).
+    W_svm:       [d_key, d_query] argmin ||W||_F s.t. (e_y - e_j)^T W e_k >= 1 for every edge
+                 y -> j of G^(k) between SCCs and = 0 for every edge inside an SCC
+                 (zeros when infeasible; see ``feasible``).
+    W_fin:       [d_key, d_query] argmin over S_fin of the reduced loss (mean over samples of
+                 -log sum_{t: x_t=y} softmax(e_{x_t}^T W e_k) over the positions t whose
+                 token lies in y's SCC of G^(k)).
+    fin_basis:   [basis, d_key, d_query] orthonormal basis of S_fin = span{(e_i - e_j) e_k^T:
+                 i, j in one SCC of G^(k)} (no rows when every SCC is a single token).
+    feasible:    whether the constraints admit a solution; ``message`` says why not.
+    margin:      min over cross-SCC edges of (e_y - e_j)^T W_svm e_k (1 when feasible).
     within_residual: max over within-SCC edges of |(e_i - e_j)^T W_svm e_k|.
+    n_cross, n_within: the numbers of margin and equality constraints.
     reduced_loss: the reduced loss at W_fin; fin_grad_norm: its gradient norm there.
-    embeddings: [n_tokens, d] the e_v used.
+    embeddings:  [token, d_model] the e_v used.
+    constraints: [constraint, 3] (k, y, j) of every constraint edge: the ``n_cross``
+                 margin constraints first, then the ``n_within`` equalities.
     """
+
+    AXES: ClassVar = {"W_svm": ("d_key", "d_query"), "W_fin": ("d_key", "d_query"),
+                      "fin_basis": ("basis", "d_key", "d_query"), "embeddings": ("token", "d_model"),
+                      "constraints": ("constraint", "k_src_dst")}
+    TITLE: ClassVar = "Graph-SVM"
 
     W_svm: torch.Tensor
     W_fin: torch.Tensor
@@ -485,31 +553,46 @@ class GraphSVM:
     reduced_loss: float
     fin_grad_norm: float
     embeddings: torch.Tensor = field(repr=False)
+    constraints: torch.Tensor = field(repr=False)
 
-    def project_fin(self, W: torch.Tensor) -> torch.Tensor:
-        """Orthogonal projection of W [d, d] onto S_fin."""
+    def project_fin(self, W: Float[torch.Tensor, "d_key d_query"]) -> Float[torch.Tensor, "d_key d_query"]:
+        """Orthogonal projection of W onto S_fin."""
         W = torch.as_tensor(W, dtype=torch.float64)
         B = self.fin_basis.reshape(self.fin_basis.shape[0], W.numel())
         return (B.T @ (B @ W.reshape(-1))).reshape(W.shape)
 
-    def fin_scores(self, k: int, tokens: Sequence[int]) -> torch.Tensor:
-        """e_v^T W_fin e_k for each token v of ``tokens``."""
+    @renamed(k="last_token")
+    def fin_scores(self, last_token: int, tokens: Sequence[int]) -> Float[torch.Tensor, " token"]:
+        """e_v^T W_fin e_k (k = ``last_token``) for each token v of ``tokens``."""
         E = self.embeddings
-        return E[list(tokens)] @ self.W_fin @ E[k]
+        return E[list(tokens)] @ self.W_fin @ E[last_token]
 
-    def to_dataframe(self, tpg: TokenPriorityGraph) -> Any:
-        """One row per constraint: k, src, dst, kind ('margin' or 'equal'), value under W_svm."""
-        import pandas as pd
-
+    def _table(self) -> Table:
+        """One row per constraint: k, src, dst, kind ('margin' or 'equal'), and
+        (e_src - e_dst)^T W e_k under W_svm (svm_value) and W_fin (fin_value)."""
+        k, a, b = self.constraints.T
         E = self.embeddings
-        rows = []
-        for k in tpg.last_tokens:
-            for kind, pairs in (("margin", tpg.cross_pairs(k)), ("equal", tpg.within_pairs(k))):
-                for a, b in pairs:
-                    val = float((E[a] - E[b]) @ self.W_svm @ E[k])
-                    fin = float((E[a] - E[b]) @ self.W_fin @ E[k])
-                    rows.append(dict(k=k, src=a, dst=b, kind=kind, svm_value=val, fin_value=fin))
-        return pd.DataFrame(rows)
+        c = ("constraint",)
+        return Table({"constraint": range(len(k))}, {
+            "k": (c, k), "src": (c, a), "dst": (c, b),
+            "kind": (c, ["margin"] * self.n_cross + ["equal"] * self.n_within),
+            "svm_value": (c, torch.einsum("cd,de,ce->c", E[a] - E[b], self.W_svm, E[k])),
+            "fin_value": (c, torch.einsum("cd,de,ce->c", E[a] - E[b], self.W_fin, E[k])),
+        })
+
+    def to_dataframe(self, tpg: Any = None) -> Any:
+        """One row per constraint (see :meth:`_table`); ``tpg`` is no longer needed."""
+        if tpg is not None:
+            warnings.warn("GraphSVM.to_dataframe() takes no argument now (the constraints are stored);"
+                          " the graph argument will be removed in lensprobe 0.3.", DeprecationWarning,
+                          stacklevel=2)
+        return super().to_dataframe()
+
+    def summary(self) -> dict[str, Any]:
+        return dict(feasible=self.feasible, margin=self.margin, within_residual=self.within_residual,
+                    n_cross=self.n_cross, n_within=self.n_within, reduced_loss=self.reduced_loss,
+                    fin_grad_norm=self.fin_grad_norm, W_svm_norm=float(self.W_svm.norm()),
+                    W_fin_norm=float(self.W_fin.norm()), message=self.message)
 
     def plot(self) -> Any:
         """W_svm and W_fin in token coordinates (E W E^T: score of key v for query k)."""
@@ -542,9 +625,8 @@ def _orth_rows(M: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
 def _blas_libraries() -> tuple:
     """threadpoolctl's controllers of the loaded BLAS libraries, found once: the scan costs
     ~10 ms and ``threadpool_limits`` repeats it on every call (the solve can take 0.4 ms)."""
-    from threadpoolctl import ThreadpoolController
-
     import scipy.linalg  # noqa: F401  (scipy's own BLAS must be loaded before the scan)
+    from threadpoolctl import ThreadpoolController
 
     return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
 
@@ -565,7 +647,7 @@ def _blas_threads(n: int) -> Any:
 
 def graph_svm(
     tpg: TokenPriorityGraph,
-    embeddings: Any,
+    embeddings: Float[torch.Tensor, "token d_model"] | Any,
     *,
     require_feasible: bool = True,
     tol: float = 1e-7,
@@ -605,20 +687,33 @@ def graph_svm(
 
 
 def _graph_svm(tpg: TokenPriorityGraph, embeddings: Any, require_feasible: bool, tol: float) -> GraphSVM:
-    from scipy.linalg import null_space
-    from scipy.optimize import minimize, nnls
-
     E = _embeddings(embeddings)
     if E.shape[0] < tpg.n_tokens:
         raise InputError(
             f"embeddings have {E.shape[0]} rows but the graph uses {tpg.n_tokens} tokens."
         )
-    d = E.shape[1]
     En = E.numpy()
     cross = [(k, a, b) for k in tpg.last_tokens for a, b in tpg.cross_pairs(k)]
     within = [(k, a, b) for k in tpg.last_tokens for a, b in tpg.within_pairs(k)]
+    W_svm, margin, within_res, message = _svm_direction(tpg, En, cross, within, tol)
+    if message != "feasible" and require_feasible:
+        raise InfeasibleError(message)
+    basis, W_fin, red_loss, grad_norm = _fin_component(tpg, En, within)
+    return GraphSVM(
+        W_svm=W_svm, W_fin=W_fin, fin_basis=basis, feasible=message == "feasible", message=message,
+        margin=margin, within_residual=within_res, n_cross=len(cross), n_within=len(within),
+        reduced_loss=red_loss, fin_grad_norm=grad_norm, embeddings=E,
+        constraints=torch.tensor(cross + within, dtype=torch.long).reshape(-1, 3),
+    )
 
-    # --- W_svm: W = U M V^T with U, V orthonormal bases of the key / query token spans.
+
+def _svm_direction(tpg: TokenPriorityGraph, En: np.ndarray, cross: list, within: list,
+                   tol: float) -> tuple[torch.Tensor, float, float, str]:
+    """W_svm (zeros when infeasible), its margin, within-SCC residual and "feasible" or why not.
+
+    W = U M V^T with U, V orthonormal bases of the key / query token spans: the minimiser
+    lies there, and the constraints become linear in the entries of M.
+    """
     nodes = sorted({t for g in tpg.graphs.values() for t in g.nodes})
     U = _orth_rows(En[nodes]).T  # [d, r1]
     V = _orth_rows(En[tpg.last_tokens]).T  # [d, r2]
@@ -629,48 +724,60 @@ def _graph_svm(tpg: TokenPriorityGraph, embeddings: Any, require_feasible: bool,
         return np.stack([np.outer(U.T @ (En[a] - En[b]), V.T @ En[k]).ravel() for k, a, b in cons])
 
     G, B = rows(cross), rows(within)
+    m_vec = _least_distance(G, B, tol) if cross else np.zeros(G.shape[1])
     message = "feasible"
-    feasible = True
-    m_vec = np.zeros(U.shape[1] * V.shape[1])
-    if cross:
-        N = null_space(B) if len(within) else np.eye(G.shape[1])
-        GN = G @ N
-        if N.shape[1] == 0:
-            feasible = False
-        else:
-            # LDP: min ||u|| s.t. GN u >= 1  <=>  NNLS on [GN^T; 1^T] z ~ [0; 1].
-            Emat = np.vstack([GN.T, np.ones((1, GN.shape[0]))])
-            f = np.zeros(Emat.shape[0])
-            f[-1] = 1.0
-            z, _ = nnls(Emat, f, maxiter=50 * Emat.shape[1] + 1000)
-            r = Emat @ z - f
-            if abs(r[-1]) < 1e-14:
-                feasible = False
-            else:
-                m_vec = N @ (-r[:-1] / r[-1])
-        if feasible:
-            margins = G @ m_vec
-            if margins.min() < 1 - tol * max(1.0, np.abs(m_vec).max()):
-                feasible = False
-        if not feasible:
-            rank = np.linalg.matrix_rank(En[nodes])
-            message = (
-                f"Graph-SVM is infeasible: no W satisfies (e_y - e_j)^T W e_k >= 1 on all"
-                f" {len(cross)} cross-SCC edges and = 0 on all {len(within)} within-SCC edges."
-                f" The {len(nodes)} tokens' embeddings span {rank} dimensions"
-                + (" (linearly dependent), so some margin constraints contradict the others"
-                   if rank < len(nodes) else "")
-                + ". Use linearly independent embeddings (d_model >= number of tokens), or"
-                " build the graph from fewer tokens."
-            )
-            m_vec = np.zeros_like(m_vec)
-            if require_feasible:
-                raise InfeasibleError(message)
+    if m_vec is None:
+        rank = np.linalg.matrix_rank(En[nodes])
+        message = (
+            f"Graph-SVM is infeasible: no W satisfies (e_y - e_j)^T W e_k >= 1 on all"
+            f" {len(cross)} cross-SCC edges and = 0 on all {len(within)} within-SCC edges."
+            f" The {len(nodes)} tokens' embeddings span {rank} dimensions"
+            + (" (linearly dependent), so some margin constraints contradict the others"
+               if rank < len(nodes) else "")
+            + ". Use linearly independent embeddings (d_model >= number of tokens), or"
+            " build the graph from fewer tokens."
+        )
+        m_vec = np.zeros(G.shape[1])
     W_svm = torch.from_numpy(U @ m_vec.reshape(U.shape[1], V.shape[1]) @ V.T).to(torch.float64)
     margin = float((G @ m_vec).min()) if cross else math.inf
     within_res = float(np.abs(B @ m_vec).max()) if within else 0.0
+    return W_svm, margin, within_res, message
 
-    # --- W_fin: minimise the reduced loss over an orthonormal basis of S_fin.
+
+def _least_distance(G: np.ndarray, B: np.ndarray, tol: float) -> np.ndarray | None:
+    """argmin ||m|| s.t. G m >= 1, B m = 0, or None when infeasible.
+
+    The equalities are eliminated with a null-space basis N (m = N u); the rest is the
+    least-distance program min ||u|| s.t. GN u >= 1, solved as NNLS on
+    [GN^T; 1^T] z ~ [0; 1] (Lawson & Hanson), then checked against every margin.
+    """
+    from scipy.linalg import null_space
+    from scipy.optimize import nnls
+
+    N = null_space(B) if len(B) else np.eye(G.shape[1])
+    if N.shape[1] == 0:
+        return None
+    GN = G @ N
+    Emat = np.vstack([GN.T, np.ones((1, GN.shape[0]))])
+    f = np.zeros(Emat.shape[0])
+    f[-1] = 1.0
+    z, _ = nnls(Emat, f, maxiter=50 * Emat.shape[1] + 1000)
+    r = Emat @ z - f
+    if abs(r[-1]) < 1e-14:
+        return None
+    m_vec = N @ (-r[:-1] / r[-1])
+    if (G @ m_vec).min() < 1 - tol * max(1.0, np.abs(m_vec).max()):
+        return None
+    return m_vec
+
+
+def _fin_component(tpg: TokenPriorityGraph, En: np.ndarray,
+                   within: list) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """The basis of S_fin [r, d, d], W_fin, the reduced loss there and its gradient norm:
+    the reduced loss minimised (L-BFGS-B) over an orthonormal basis of S_fin."""
+    from scipy.optimize import minimize
+
+    d = En.shape[1]
     fin_dirs = [np.outer(En[a] - En[b], En[k]).ravel() for k, a, b in within]
     basis = _orth_rows(np.stack(fin_dirs)) if fin_dirs else np.zeros((0, d * d))
     red = _reduced_batch(tpg)
@@ -684,18 +791,13 @@ def _graph_svm(tpg: TokenPriorityGraph, embeddings: Any, require_feasible: bool,
         c = minimize(loss_of, c, jac=True, method="L-BFGS-B",
                      options=dict(maxiter=20000, ftol=1e-16, gtol=1e-11)).x
     red_loss, g = loss_of(c)
-    W_fin = torch.from_numpy((c @ basis).reshape(d, d))
-    return GraphSVM(
-        W_svm=W_svm, W_fin=W_fin, fin_basis=torch.from_numpy(basis).reshape(-1, d, d), feasible=feasible,
-        message=message, margin=margin, within_residual=within_res, n_cross=len(cross),
-        n_within=len(within), reduced_loss=red_loss,
-        fin_grad_norm=float(np.linalg.norm(g)) if len(g) else 0.0, embeddings=E,
-    )
+    return (torch.from_numpy(basis).reshape(-1, d, d), torch.from_numpy((c @ basis).reshape(d, d)),
+            red_loss, float(np.linalg.norm(g)) if len(g) else 0.0)
 
 
 # =========================================================================== the model
-def head_W(model: Any, layer: int = 0, head: int = 0) -> torch.Tensor:
-    """W [d_model, d_model] of one head: W = (QK[layer, head])^T / attn_scale.
+def head_W(model: Any, layer: int = 0, head: int = 0) -> Float[torch.Tensor, "d_model d_model"]:
+    """W [d_key, d_query] (both d_model) of one head: W = (QK[layer, head])^T / attn_scale.
 
     The head scores key position t for the query at T as
     (x_T W_Q + b_Q)(x_t W_K + b_K)^T / scale; without biases and rotary that is
@@ -727,7 +829,7 @@ def priority_model(
     n_tokens: int,
     d_model: int,
     *,
-    embeddings: torch.Tensor | None = None,
+    embeddings: Float[torch.Tensor, "n_tokens d_model"] | None = None,
     seed: int = 0,
     n_ctx: int = 64,
     dtype: torch.dtype = torch.float64,
@@ -788,7 +890,7 @@ def _pattern_rows(model: Any, tokens: torch.Tensor, layer: int, head: int) -> to
     return run_hooked(model, tokens, [name])[name][:, head, -1, :]
 
 
-def priority_loss(model: Any, batch: Any, *, layer: int = 0, head: int = 0) -> tuple[torch.Tensor, dict]:
+def priority_loss(model: Any, batch: Any, *, layer: int = 0, head: int = 0) -> tuple[Float[torch.Tensor, ""], dict]:
     """The paper's loss -log p(y), p(y) = attention mass on the label at the last position.
 
     ``loss_fn`` for :func:`lensprobe.train`: the label is the target at the last position.
@@ -831,14 +933,15 @@ def _w_step_gain(model: Any, layer: int, head: int) -> float | None:
     return _tl.attn_scale(model, layer) / math.sqrt(c2)
 
 
+@renamed(sequences="tokens")
 def train_priority(
     model: Any,
-    sequences: torch.Tensor,
-    labels: torch.Tensor,
+    tokens: Int[torch.Tensor, "n pos"] | Sequence[Sequence[int]],
+    labels: Int[torch.Tensor, " n"] | Sequence[int],
     *,
     steps: int = 2000,
     lr: float = 0.1,
-    schedule: str = "cosine",
+    schedule: Literal["cosine", "constant"] = "cosine",
     layer: int = 0,
     head: int = 0,
     checkpoint_steps: Sequence[int] = (),
@@ -848,7 +951,7 @@ def train_priority(
 ) -> Any:
     """Full-batch normalised gradient descent on :func:`priority_loss`, through ``lp.train``.
 
-    W <- W - lr_t grad_W L / ||grad_W L||_F on the fixed dataset (sequences [n, T],
+    W <- W - lr_t grad_W L / ||grad_W L||_F on the fixed dataset (tokens [n, pos],
     labels [n]), the paper's optimiser, with W = (QK[layer, head])^T / attn_scale as
     :func:`head_W` reads it: ``lr`` is the Frobenius length of each step on W, so the
     paper's learning rates carry over. ``schedule='cosine'`` decays lr_t to 0 (lets the
@@ -867,10 +970,9 @@ def train_priority(
     (lensprobe 0.1.0 took ``lr`` as the step on W_K, so W moved by lr / sqrt(d_model):
     divide an old run's lr by sqrt(d_model) to repeat it.)
     """
-    from .tasks.priority import FixedData
     from .training import train
 
-    data = FixedData(sequences, labels)
+    data = FixedData(tokens, labels)
     missing = [i for i, (seq, y) in enumerate(zip(data.tokens.tolist(), data.labels.tolist()))
                if y not in seq]
     if missing:
@@ -925,7 +1027,7 @@ def _token_masses(model: Any, seqs: list[tuple[int, ...]], layer: int, head: int
         toks = to_tokens(model, torch.tensor([seqs[i] for i in idx]))
         with torch.no_grad():
             att = _pattern_rows(model, toks, layer, head).to("cpu", torch.float64)
-        check_pattern(att, f"attention of L{layer}H{head} at the last position")
+        check_pattern(att, f"attention of {head_name(layer, head)} at the last position")
         for row, i in enumerate(idx):
             masses: dict[int, float] = {}
             for t, a in zip(seqs[i], att[row].tolist()):
@@ -938,18 +1040,19 @@ _MODEL_ONLY = ("implied", "reversed", "unsupported")
 
 
 @dataclass(frozen=True)
-class PriorityAlignment:
+class PriorityAlignment(Result):
     """How one attention head matches a token-priority graph (Li et al. 2024).
 
-    W:               [d, d] the head's W = QK^T / attn_scale.
+    W:               [d_key, d_query] the head's W = QK^T / attn_scale.
     cos_svm:         cos(W, W_svm) (NaN when W_svm is 0 or infeasible).
     fin_distance:    ||P_fin W - W_fin||_F (P_fin: projection onto the within-SCC span).
     cos_orth_svm:    cos(W - P_fin W, W_svm).
-    retrievals:      the graph's hard-retrieval prediction per sequence.
-    retrieved_mass:  [n] attention of the last position on the retrieved tokens
+    sequences:       the analysed sequences (one per prompt); labels: their labels or None.
+    retrievals:      the graph's hard-retrieval prediction per sequence (:class:`Retrieval`).
+    retrieved_mass:  [prompt] attention of the last position on the retrieved tokens
                      (NaN when the last token has no graph).
-    label_mass:      [n] attention on the label (NaN without labels).
-    split_error:     [n] L1 distance sum_v |a_v - w_v| between the head's split of its
+    label_mass:      [prompt] attention on the label (NaN without labels).
+    split_error:     [prompt] L1 distance sum_v |a_v - w_v| between the head's split of its
                      retrieved-SCC attention (a_v = mass(v) / mass(SCC)) and softmax of the
                      W_fin scores e_{x_t}^T W_fin e_k over the SCC's positions summed per
                      token (w_v); NaN unless the retrieval is one SCC with >= 2 tokens.
@@ -962,6 +1065,10 @@ class PriorityAlignment:
                      r -> x_t for each retrieved token r and every other token x_t of the
                      context.
     """
+
+    AXES: ClassVar = {"retrieved_mass": ("prompt",), "label_mass": ("prompt",), "split_error": ("prompt",),
+                      "W": ("d_key", "d_query")}
+    TITLE: ClassVar = "priority alignment"
 
     layer: int
     head: int
@@ -1013,31 +1120,29 @@ class PriorityAlignment:
             edge_recall=self.edge_recall, edge_precision=self.edge_precision,
         )
 
-    def to_dataframe(self) -> Any:
-        """One row per sequence: tokens, label, retrieval, attention masses, split error."""
-        import pandas as pd
-
+    def _table(self) -> Table:
+        """One row per prompt: tokens, label, retrieval, attention masses, split error."""
         v = self.tpg.vocab
-        rows = []
-        for i, (seq, r) in enumerate(zip(self.sequences, self.retrievals)):
-            rows.append(dict(
-                sequence=" ".join(v[t] for t in seq), last=v[seq[-1]],
-                label=v[self.labels[i]] if self.labels is not None else None,
-                retrieved=" ".join(v[t] for t in r.tokens), status=r.status,
-                model_retrieved=" ".join(v[t] for t in self.model_retrieved[i]),
-                retrieved_mass=float(self.retrieved_mass[i]), label_mass=float(self.label_mass[i]),
-                split_error=float(self.split_error[i]),
-            ))
-        return pd.DataFrame(rows)
+        p = ("prompt",)
+
+        def words(toks: Sequence[int]) -> str:
+            return " ".join(v[t] for t in toks)
+
+        labels = [None] * len(self.sequences) if self.labels is None else [v[y] for y in self.labels]
+        return Table({"prompt": range(len(self.sequences))}, {
+            "sequence": (p, [words(s) for s in self.sequences]), "last": (p, [v[s[-1]] for s in self.sequences]),
+            "label": (p, labels), "retrieved": (p, [words(r.tokens) for r in self.retrievals]),
+            "status": (p, [r.status for r in self.retrievals]),
+            "model_retrieved": (p, [words(m) for m in self.model_retrieved]),
+            "retrieved_mass": (p, self.retrieved_mass), "label_mass": (p, self.label_mass),
+            "split_error": (p, self.split_error),
+        })
 
     def edges_dataframe(self) -> Any:
-        import pandas as pd
-
-        v = self.tpg.vocab
-        return pd.DataFrame([
-            dict(k=k, src=a, dst=b, k_str=v[k], src_str=v[a], dst_str=v[b], status=s)
-            for k, a, b, s in self.edges
-        ])
+        """One row per edge of the comparison: k, src, dst (ids and strings), status."""
+        cols = _edge_columns(self.tpg.vocab, self.edges)
+        return frame(Table({"edge": range(len(self.edges))},
+                           {**cols, "status": (("edge",), [e[3] for e in self.edges])}))
 
     def plot(self) -> Any:
         """Attention on the retrieved SCC per sequence, and the edge comparison counts."""
@@ -1050,7 +1155,7 @@ class PriorityAlignment:
         ax1.set_ylim(0, 1.05)
         ax1.set_xlabel("sequence")
         ax1.set_ylabel("attention at the last position")
-        ax1.set_title(f"L{self.layer}H{self.head}: cos(W, W_svm) = {self.cos_svm:.3f}")
+        ax1.set_title(f"{head_name(self.layer, self.head)}: cos(W, W_svm) = {self.cos_svm:.3f}")
         ax1.legend(fontsize=8)
         statuses = ["agree", "missed", "untested", *_MODEL_ONLY]
         ax2.bar(statuses, [self._count(s) for s in statuses],
@@ -1062,19 +1167,22 @@ class PriorityAlignment:
         return fig
 
     def show(self, **kw: Any) -> View:
+        """The HTML/SVG view of :func:`retrieval_graph_view` with this head's edges."""
         return retrieval_graph_view(self.tpg, alignment=self, svm=self.svm, **kw)
 
 
+@renamed(sequences="tokens")
+@extractor
 def priority_alignment(
     model: Any,
     tpg: TokenPriorityGraph,
-    sequences: Any = None,
-    labels: Any = None,
+    tokens: Int[torch.Tensor, "n pos"] | Sequence[Sequence[int]] | None = None,
+    labels: Int[torch.Tensor, " n"] | Sequence[int] | None = None,
     *,
     layer: int = 0,
     head: int = 0,
     svm: GraphSVM | None = None,
-    embeddings: Any = None,
+    embeddings: Float[torch.Tensor, "token d_model"] | None = None,
     threshold: float = 0.1,
 ) -> PriorityAlignment:
     """Compare one attention head with the token-priority graph (Li et al. 2024).
@@ -1088,89 +1196,89 @@ def priority_alignment(
     deeper or normalised models the head sees the residual stream, not raw embeddings,
     so read the W-based numbers as an approximation there.
 
-    ``sequences``/``labels`` default to the graph's own data; other sequences are
-    allowed (labels optional). ``svm``: a precomputed :func:`graph_svm` (else computed
+    ``tokens``/``labels`` default to the graph's own data (sequences and labels); other
+    sequences are allowed (labels optional). ``svm``: a precomputed :func:`graph_svm` (else computed
     here with ``require_feasible=False``). ``threshold``: attention mass above which a
     token counts as retrieved by the head.
     """
     if not 0.0 < float(threshold) < 1.0:
         raise InputError(f"threshold must lie in (0, 1), got {threshold}.")
-    if sequences is None:
-        if labels is not None:
-            raise InputError("labels were given without sequences; pass both or neither.")
-        seqs, labs = list(tpg.sequences), list(tpg.labels)
-    elif labels is None:
-        seqs, _ = _as_sequences(sequences, [0] * len(sequences))
-        labs = None
-    else:
-        seqs, labs = _as_sequences(sequences, labels)
-    with guard(model):
-        layer, head = check_layer(model, layer), check_head(model, head)
-        W = check_finite(head_W(model, layer, head), f"W of L{layer}H{head} (QK^T / attn_scale)")
-        if svm is None:
-            svm = graph_svm(tpg, embeddings if embeddings is not None else model,
-                            require_feasible=False)
-        if tuple(svm.W_svm.shape) != tuple(W.shape):
-            raise InputError(
-                f"the Graph-SVM lives in dimension {svm.W_svm.shape[0]} but the head's W is"
-                f" {tuple(W.shape)}; build it from embeddings of width d_model={W.shape[0]}."
-            )
-        masses = _token_masses(model, seqs, layer, head)
-
+    seqs, labs = _alignment_data(tpg, tokens, labels)
+    layer, head = check_layer(model, layer), check_head(model, head)
+    W = check_finite(head_W(model, layer, head), f"W of {head_name(layer, head)} (QK^T / attn_scale)")
+    if svm is None:
+        svm = graph_svm(tpg, embeddings if embeddings is not None else model, require_feasible=False)
+    if tuple(svm.W_svm.shape) != tuple(W.shape):
+        raise InputError(
+            f"the Graph-SVM lives in dimension {svm.W_svm.shape[0]} but the head's W is"
+            f" {tuple(W.shape)}; build it from embeddings of width d_model={W.shape[0]}."
+        )
+    masses = _token_masses(model, seqs, layer, head)
+    retrievals = tuple(tpg.retrieve(s) for s in seqs)
+    model_ret = tuple(tuple(sorted(t for t, m in mass.items() if m > threshold)) for mass in masses)
     W_svm = svm.W_svm if svm.feasible else torch.zeros_like(svm.W_svm)
     Pf = svm.project_fin(W)
-    retrievals = tuple(tpg.retrieve(s) for s in seqs)
-    n = len(seqs)
-    retrieved = torch.full((n,), math.nan, dtype=torch.float64)
-    label_mass = torch.full((n,), math.nan, dtype=torch.float64)
-    split = torch.full((n,), math.nan, dtype=torch.float64)
-    model_ret = []
-    model_edges: set[tuple[int, int, int]] = set()
-    tested: set[tuple[int, int, int]] = set()
-    for i, (seq, r, mass) in enumerate(zip(seqs, retrievals, masses)):
-        k = seq[-1]
-        if r.known:
-            retrieved[i] = sum(mass[t] for t in r.tokens)
-        if labs is not None:
-            label_mass[i] = mass.get(labs[i], 0.0)
-        if r.known and len(r.sccs) == 1 and len(r.tokens) > 1:
-            pos = [t for t in seq if t in r.tokens]
-            w = torch.softmax(svm.fin_scores(k, pos), 0)
-            pred = {t: 0.0 for t in r.tokens}
-            for t, wt in zip(pos, w.tolist()):
-                pred[t] += wt
-            tot = sum(mass[t] for t in r.tokens)
-            split[i] = sum(abs(mass[t] / tot - pred[t]) for t in r.tokens) if tot > 0 else math.nan
-        ret = tuple(sorted(t for t, m in mass.items() if m > threshold))
-        model_ret.append(ret)
-        present = set(seq)
-        model_edges |= {(k, a, b) for a in ret for b in present if b != a}
-        tested |= {(k, a, b) for a in present for b in present if a != b}
-    edges = []
-    for k, a, b in tpg.edges():
-        if (k, a, b) not in tested:
-            status = "untested"
-        else:
-            status = "agree" if (k, a, b) in model_edges else "missed"
-        edges.append((k, a, b, status))
-    data_edges = set(tpg.edges())
-    for k, a, b in sorted(model_edges - data_edges):
-        known = k in tpg.graphs
-        if known and tpg.outranks(k, a, b):
-            status = "implied"
-        elif known and tpg.outranks(k, b, a):
-            status = "reversed"
-        else:
-            status = "unsupported"
-        edges.append((k, a, b, status))
+    nan = math.nan
     return PriorityAlignment(
         layer=layer, head=head, threshold=float(threshold), W=W,
         cos_svm=_cos(W, W_svm), fin_distance=float((Pf - svm.W_fin).norm()),
         cos_orth_svm=_cos(W - Pf, W_svm), feasible=svm.feasible,
-        sequences=tuple(seqs), labels=tuple(labs) if labs is not None else None,
-        retrievals=retrievals, retrieved_mass=retrieved, label_mass=label_mass,
-        split_error=split, model_retrieved=tuple(model_ret), edges=tuple(edges), tpg=tpg, svm=svm,
+        sequences=tuple(seqs), labels=tuple(labs) if labs is not None else None, retrievals=retrievals,
+        retrieved_mass=_f64([sum(m[t] for t in r.tokens) if r.known else nan for r, m in zip(retrievals, masses)]),
+        label_mass=_f64([nan] * len(seqs) if labs is None else [m.get(y, 0.0) for m, y in zip(masses, labs)]),
+        split_error=_f64([_split_error(svm, s, r, m) for s, r, m in zip(seqs, retrievals, masses)]),
+        model_retrieved=model_ret, edges=_edge_statuses(tpg, seqs, model_ret), tpg=tpg, svm=svm,
     )
+
+
+def _f64(values: Sequence[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _alignment_data(tpg: TokenPriorityGraph, tokens: Any, labels: Any) -> tuple[list, list | None]:
+    """The analysed sequences and labels: the graph's own data, or ``tokens`` (labels optional)."""
+    if tokens is None:
+        if labels is not None:
+            raise InputError("labels were given without tokens; pass both or neither.")
+        return list(tpg.sequences), list(tpg.labels)
+    if labels is None:
+        return _as_sequences(tokens, [0] * len(tokens))[0], None
+    return _as_sequences(tokens, labels)
+
+
+def _split_error(svm: GraphSVM, seq: Sequence[int], r: Retrieval, mass: dict[int, float]) -> float:
+    """sum_v |a_v - w_v| over the retrieved SCC (see :class:`PriorityAlignment`), or NaN."""
+    if not (r.known and len(r.sccs) == 1 and len(r.tokens) > 1):
+        return math.nan
+    tot = sum(mass[t] for t in r.tokens)
+    if tot <= 0:
+        return math.nan
+    pos = [t for t in seq if t in r.tokens]
+    pred = dict.fromkeys(r.tokens, 0.0)
+    for t, wt in zip(pos, torch.softmax(svm.fin_scores(seq[-1], pos), 0).tolist()):
+        pred[t] += wt
+    return sum(abs(mass[t] / tot - pred[t]) for t in r.tokens)
+
+
+def _edge_statuses(tpg: TokenPriorityGraph, seqs: Sequence[Sequence[int]],
+                   model_ret: Sequence[tuple[int, ...]]) -> tuple[tuple[int, int, int, EdgeStatus], ...]:
+    """The head's local graph (r -> x_t for each retrieved r) against the data's, edge by edge."""
+    model_edges: set[tuple[int, int, int]] = set()
+    tested: set[tuple[int, int, int]] = set()
+    for seq, ret in zip(seqs, model_ret):
+        k, present = seq[-1], set(seq)
+        model_edges |= {(k, a, b) for a in ret for b in present if b != a}
+        tested |= {(k, a, b) for a in present for b in present if a != b}
+    edges: list[tuple[int, int, int, EdgeStatus]] = [
+        (k, a, b, ("agree" if (k, a, b) in model_edges else "missed") if (k, a, b) in tested else "untested")
+        for k, a, b in tpg.edges()
+    ]
+    for k, a, b in sorted(model_edges - set(tpg.edges())):
+        known = k in tpg.graphs
+        status: EdgeStatus = ("implied" if known and tpg.outranks(k, a, b) else
+                              "reversed" if known and tpg.outranks(k, b, a) else "unsupported")
+        edges.append((k, a, b, status))
+    return tuple(edges)
 
 
 _CURVE_KEYS = ("cos_svm", "fin_distance", "cos_orth_svm", "W_norm", "retrieved_mass",
@@ -1178,13 +1286,17 @@ _CURVE_KEYS = ("cos_svm", "fin_distance", "cos_orth_svm", "W_norm", "retrieved_m
 
 
 @dataclass(frozen=True)
-class AlignmentCurve:
+class AlignmentCurve(Result):
     """:func:`priority_alignment` summaries across training checkpoints.
 
-    steps: [n] checkpoint steps; values: {name: [n] float64 tensor} for cos_svm,
-    fin_distance, cos_orth_svm, W_norm, retrieved_mass, label_mass, loss, split_error,
-    edge_recall, edge_precision (means over sequences where per-sequence).
+    steps:  [step] checkpoint steps.
+    values: {name: [step] float64 tensor} for cos_svm, fin_distance, cos_orth_svm, W_norm,
+            retrieved_mass, label_mass, loss, split_error, edge_recall, edge_precision
+            (means over sequences where per-sequence); ``curve[name]`` reads one.
     """
+
+    AXES: ClassVar = {"steps": ("step",)}
+    TITLE: ClassVar = "priority alignment through training"
 
     steps: torch.Tensor
     values: dict
@@ -1192,10 +1304,15 @@ class AlignmentCurve:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.values[name]
 
-    def to_dataframe(self) -> Any:
-        import pandas as pd
+    def _table(self) -> Table:
+        """One row per checkpoint step, one column per quantity."""
+        return Table({"step": self.steps.tolist()}, {k: (("step",), v) for k, v in self.values.items()})
 
-        return pd.DataFrame({"step": self.steps.numpy(), **{k: v.numpy() for k, v in self.values.items()}})
+    def summary(self) -> dict[str, Any]:
+        """The number of checkpoints, the last step and every quantity there."""
+        out: dict[str, Any] = {"checkpoints": len(self.steps), "last_step": int(self.steps[-1])}
+        out.update({f"final_{k}": float(v[-1]) for k, v in self.values.items()})
+        return out
 
     def plot(self) -> Any:
         import matplotlib.pyplot as plt
@@ -1222,45 +1339,35 @@ class AlignmentCurve:
         return fig
 
 
+@renamed(sequences="tokens")
 def alignment_curve(
     checkpoints: Any,
     tpg: TokenPriorityGraph,
-    sequences: Any = None,
-    labels: Any = None,
+    tokens: Int[torch.Tensor, "n pos"] | Sequence[Sequence[int]] | None = None,
+    labels: Int[torch.Tensor, " n"] | Sequence[int] | None = None,
     *,
     steps: Sequence[int] | None = None,
     svm: GraphSVM | None = None,
     progress: bool = True,
     **kw: Any,
 ) -> AlignmentCurve:
-    """:func:`priority_alignment` at every checkpoint (a ``lp.train`` result or models).
+    """:func:`priority_alignment` at every checkpoint, in step order.
 
     ``checkpoints``: the TrainResult of :func:`train_priority`/``lp.train`` (its in-memory
-    or on-disk checkpoints, in step order) or a list of models (``steps`` defaults to
-    0..n-1). The Graph-SVM is computed once, from the first checkpoint's embeddings.
+    or on-disk checkpoints), a mapping ``step -> model/path/loader``, or a list of them
+    (``steps`` names their steps, default 0..n-1); see :func:`lensprobe.inputs.checkpoint_list`.
+    The Graph-SVM is computed once, from the first checkpoint's embeddings (or ``embeddings=``).
     """
-    if hasattr(checkpoints, "checkpoints") and hasattr(checkpoints, "model_at"):
-        step_list = sorted(checkpoints.checkpoints)
-        models = (checkpoints.model_at(s) for s in step_list)
-    else:
-        models_l = list(checkpoints)
-        step_list = list(steps) if steps is not None else list(range(len(models_l)))
-        if len(step_list) != len(models_l):
-            raise InputError(f"got {len(models_l)} checkpoints but {len(step_list)} steps.")
-        models = iter(models_l)
+    pairs = checkpoint_list(checkpoints, steps)
     rows = []
-    it: Any = models
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(models, total=len(step_list), desc="alignment", leave=False)
-    for m in it:
+    for _, ckpt in progress_bar(pairs, progress, "alignment"):
+        model = materialise(ckpt)
         if svm is None:
             emb = kw.get("embeddings")
-            svm = graph_svm(tpg, m if emb is None else emb, require_feasible=False)
-        rows.append(priority_alignment(m, tpg, sequences, labels, svm=svm, **kw).summary())
+            svm = graph_svm(tpg, model if emb is None else emb, require_feasible=False)
+        rows.append(priority_alignment(model, tpg, tokens, labels, svm=svm, **kw).summary())
     values = {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in _CURVE_KEYS}
-    return AlignmentCurve(steps=torch.tensor(step_list, dtype=torch.long), values=values)
+    return AlignmentCurve(steps=torch.tensor([s for s, _ in pairs], dtype=torch.long), values=values)
 
 
 # =========================================================================== the view
@@ -1268,7 +1375,7 @@ _EDGE_COLORS = {
     "data": "#555555", "agree": "#2a9d4b", "missed": "#d62728", "untested": "#aaaaaa",
     "implied": "#1f77b4", "reversed": "#ff7f0e", "unsupported": "#9467bd",
 }
-_DX, _DY, _R, _PAD = 64, 96, 15, 16
+_DX, _DY, _PAD = 64, 96, 16
 
 
 def _layout(tpg: TokenPriorityGraph, k: int, extra: Sequence[int]) -> tuple[dict, list]:
@@ -1296,44 +1403,6 @@ def _layout(tpg: TokenPriorityGraph, k: int, extra: Sequence[int]) -> tuple[dict
     return pos, boxes
 
 
-def _edge_path(p: tuple, q: tuple, bend: float) -> str:
-    (x1, y1), (x2, y2) = p, q
-    dx, dy = x2 - x1, y2 - y1
-    L = math.hypot(dx, dy) or 1.0
-    ux, uy = dx / L, dy / L
-    # A quadratic curve bent to the left of the direction p -> q: a -> b and b -> a, and
-    # the data and head edges of one pair (bent by opposite signs), never overlap.
-    cx, cy = (x1 + x2) / 2 - uy * bend, (y1 + y2) / 2 + ux * bend
-    sx, sy = x1 + ux * _R, y1 + uy * _R
-    ex, ey = x2 - ux * (_R + 3), y2 - uy * (_R + 3)
-    return f"M{sx:.1f},{sy:.1f} Q{cx:.1f},{cy:.1f} {ex:.1f},{ey:.1f}"
-
-
-_VIEW_CSS = """
-.lp-panel { display: inline-block; vertical-align: top; margin: 0 18px 18px 0; }
-.lp-panel h3 { font-size: 1em; margin: 0.2em 0; }
-.lp-scc { fill: #f6f6f2; stroke: #b9b9b0; stroke-width: 1; rx: 6; }
-.lp-scc.lp-tied { fill: #fff6e0; stroke: #d9a400; }
-.lp-node circle { fill: #fff; stroke: #1f4e79; stroke-width: 1.5; }
-.lp-node text { font: 11px monospace; text-anchor: middle; dominant-baseline: central; }
-.lp-weight { font: 9px sans-serif; fill: #8a5a00; text-anchor: middle; }
-.lp-edge { fill: none; stroke-width: 1.4; }
-.lp-edge.lp-model { stroke-dasharray: 5 3; }
-.lp-legend span { display: inline-block; margin-right: 1em; }
-.lp-hide-model .lp-model { display: none; }
-"""
-
-_VIEW_JS = """
-(function () {
-  var box = document.getElementById("lp-toggle-model");
-  if (!box) { return; }
-  box.addEventListener("change", function () {
-    document.body.classList.toggle("lp-hide-model", !box.checked);
-  });
-})();
-"""
-
-
 def retrieval_graph_view(
     tpg: TokenPriorityGraph,
     alignment: PriorityAlignment | None = None,
@@ -1354,106 +1423,53 @@ def retrieval_graph_view(
     Inline SVG, CSS and a few lines of JS (a toggle for the head's edges); no network;
     every token string escaped.
     """
-    import uuid
-
     ks = list(last_tokens) if last_tokens is not None else tpg.last_tokens[:max_panels]
     for k in ks:
         tpg.graph(k)
-    status = {}
-    model_edges: dict[int, list[tuple[int, int, str]]] = {}
-    if alignment is not None:
-        for k, a, b, st in alignment.edges:
-            if st in _MODEL_ONLY or st == "agree":
-                model_edges.setdefault(k, []).append((a, b, "agree" if st == "agree" else st))
-            if st in ("agree", "missed", "untested"):
-                status[(k, a, b)] = st
     if svm is None and alignment is not None:
         svm = alignment.svm
-    v = tpg.vocab
-    uid = uuid.uuid4().hex[:8]
-    markers = "".join(
-        f'<marker id="lp-arrow-{name}-{uid}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7"'
-        f' markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z"'
-        f' fill="{color}"/></marker>'
-        for name, color in _EDGE_COLORS.items()
-    )
-    panels = []
-    for k in ks:
-        g = tpg.graph(k)
-        medges = model_edges.get(k, [])
-        extra = sorted({t for a, b, _ in medges for t in (a, b)} - set(g.nodes))
-        pos, boxes = _layout(tpg, k, extra)
-        width = max(x0 + w for (x0, _, w, _), _ in boxes) + _PAD
-        height = max(y0 + h for (_, y0, _, h), _ in boxes) + _PAD
-        parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="lp-graph" width="{width:.0f}"'
-                 f' height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}">']
-        if k == ks[0]:
-            parts.append(f"<defs>{markers}</defs>")
-        for (x0, y0, w, h), c in boxes:
-            cls = "lp-scc lp-tied" if len(c) > 1 and c[0] in g else "lp-scc"
-            parts.append(f'<rect class="{cls}" x="{x0}" y="{y0}" width="{w}" height="{h}"'
-                         f' rx="6"/>')
-        for a, b in g.edges:
-            st = status.get((k, a, b), "data")
-            parts.append(
-                f'<path class="lp-edge lp-data lp-{st}" data-kind="data" data-status="{st}"'
-                f' data-src="{a}" data-dst="{b}" d="{_edge_path(pos[a], pos[b], 14)}"'
-                f' stroke="{_EDGE_COLORS[st]}" marker-end="url(#lp-arrow-{st}-{uid})">'
-                f"<title>{escape(v[a])} \u2192 {escape(v[b])} ({st})</title></path>"
-            )
-        for a, b, st in medges:
-            parts.append(
-                f'<path class="lp-edge lp-model lp-{st}" data-kind="model" data-status="{st}"'
-                f' data-src="{a}" data-dst="{b}" d="{_edge_path(pos[a], pos[b], -14)}"'
-                f' stroke="{_EDGE_COLORS[st]}" marker-end="url(#lp-arrow-{st}-{uid})">'
-                f"<title>head: {escape(v[a])} \u2192 {escape(v[b])} ({st})</title></path>"
-            )
-        weights: dict[int, float] = {}
-        if svm is not None:
-            for c in tpg.sccs(k):
-                if len(c) > 1:
-                    w = torch.softmax(svm.fin_scores(k, c), 0)
-                    weights.update(zip(c, w.tolist()))
-        for t, (x, y) in pos.items():
-            label = escape(v[t])
-            short = escape(v[t] if len(v[t]) <= 6 else v[t][:5] + "\u2026")
-            parts.append(
-                f'<g class="lp-node" data-k="{k}" data-token="{t}"><title>{label}</title>'
-                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{_R}"/>'
-                f'<text x="{x:.1f}" y="{y:.1f}">{short}</text></g>'
-            )
-            if t in weights:
-                parts.append(f'<text class="lp-weight" x="{x:.1f}" y="{y + _R + 10:.1f}">'
-                             f"w={weights[t]:.2f}</text>")
-        parts.append("</svg>")
-        n_scc = len(tpg.sccs(k))
-        panels.append(
-            f'<section class="lp-panel" data-k="{k}"><h3>last token {escape(v[k])}</h3>'
-            f'<div class="note">{g.number_of_nodes()} tokens, {n_scc} SCCs,'
-            f" {g.number_of_edges()} edges</div>{''.join(parts)}</section>"
-        )
-    legend = "".join(
-        f'<span><svg width="26" height="10"><line x1="0" y1="5" x2="26" y2="5"'
-        f' stroke="{c}" stroke-width="2"/></svg> {escape(n)}</span>'
-        for n, c in _EDGE_COLORS.items()
-    )
-    head = ""
-    if alignment is not None:
-        sm = alignment.summary()
-        head = (
-            f'<p>head L{alignment.layer}H{alignment.head}: cos(W, W_svm) = {sm["cos_svm"]:.4f},'
-            f' ||P_fin W - W_fin|| = {sm["fin_distance"]:.4g}, attention on the retrieved SCC'
-            f' = {sm["retrieved_mass"]:.4f}, edge recall = {sm["edge_recall"]:.3f},'
-            f' precision = {sm["edge_precision"]:.3f}. Solid: data edges; dashed: the head\'s'
-            ' edges (attention above the threshold). <label><input type="checkbox"'
-            ' id="lp-toggle-model" checked> show head edges</label></p>'
-        )
+    edges = alignment.edges if alignment is not None else ()
+    panels = [_panel(tpg, k, [e[1:] for e in edges if e[0] == k], svm) for k in ks]
     skipped = len(tpg.last_tokens) - len(ks)
-    body = (
-        f"<style>{_VIEW_CSS}</style><div class=\"lp-tpg\"><h2>{escape(title)}</h2>{head}"
-        f'<p class="lp-legend">{legend}</p>'
-        + "".join(panels)
-        + (f'<p class="note">{skipped} more last tokens not drawn (max_panels).</p>' if skipped else "")
-        + f"</div><script>{_VIEW_JS}</script>"
+    return graph_view(
+        panels, _EDGE_COLORS, title=title,
+        intro=None if alignment is None else _alignment_line(alignment),
+        toggle=None if alignment is None else "show head edges",
+        note=f"{skipped} more last tokens not drawn (max_panels)." if skipped else None,
     )
-    return View(body, title=title)
+
+
+def _panel(tpg: TokenPriorityGraph, k: int, edges: Sequence[tuple[int, int, str]],
+           svm: GraphSVM | None) -> GraphPanel:
+    """The drawing of G^(k): SCC boxes by priority level, data edges coloured by the
+    head's agreement, the head's own edges, soft-composition weights inside tied SCCs."""
+    g = tpg.graph(k)
+    status = {(a, b): st for a, b, st in edges if st in ("agree", "missed", "untested")}
+    head = [(a, b, st) for a, b, st in edges if st == "agree" or st in _MODEL_ONLY]
+    extra = sorted({t for a, b, _ in head for t in (a, b)} - set(g.nodes))
+    pos, boxes = _layout(tpg, k, extra)
+    weights: dict[int, float] = {}
+    for c in tpg.sccs(k) if svm is not None else ():
+        if len(c) > 1:
+            weights.update(zip(c, torch.softmax(svm.fin_scores(k, c), 0).tolist()))
+    v = tpg.vocab
+    return GraphPanel(
+        key=k, heading=f"last token {v[k]}",
+        note=f"{g.number_of_nodes()} tokens, {len(tpg.sccs(k))} SCCs, {g.number_of_edges()} edges",
+        size=(max(x0 + w for (x0, _, w, _), _ in boxes) + _PAD, max(y0 + h for (_, y0, _, h), _ in boxes) + _PAD),
+        boxes=tuple((box, len(c) > 1 and c[0] in g) for box, c in boxes),
+        nodes=tuple((t, v[t], x, y, weights.get(t)) for t, (x, y) in pos.items()),
+        edges=tuple((a, b, "data", status.get((a, b), "data")) for a, b in g.edges)
+        + tuple((a, b, "model", st) for a, b, st in head),
+    )
+
+
+def _alignment_line(al: PriorityAlignment) -> str:
+    sm = al.summary()
+    return (
+        f"head {head_name(al.layer, al.head)}: cos(W, W_svm) = {sm['cos_svm']:.4f},"
+        f" ||P_fin W - W_fin|| = {sm['fin_distance']:.4g}, attention on the retrieved SCC"
+        f" = {sm['retrieved_mass']:.4f}, edge recall = {sm['edge_recall']:.3f},"
+        f" precision = {sm['edge_precision']:.3f}. Solid: data edges; dashed: the head's"
+        " edges (attention above the threshold)."
+    )

@@ -299,7 +299,7 @@ def _induction(ctx: Context) -> Section:
     name, score = res.best
     base = (induction_heads(ctx.init, tokens=res.tokens, half=half, ablate=False, progress=False)
             if ctx.init is not None else None)
-    pair = max(res.pairs, key=lambda p: p["k_composition"], default=None)
+    pair = res.strongest_pair
     found = (f"Induction heads (score >= {res.threshold:.1f}): {', '.join(res.induction_heads)};"
              f" previous-token heads: {', '.join(res.previous_token_heads) or 'none'}"
              + (f"; the strongest pair {pair['previous_token_head']} -> {pair['induction_head']}"
@@ -351,8 +351,8 @@ def _stacking(ctx: Context) -> Section:
     batch = ctx.task.sample(128, torch.Generator().manual_seed(1))
     stack = stacked_heads(ctx.model, batch)
     acc = query_accuracy(ctx.model, batch)
-    names = ", ".join(f"{s['name']} (hop {s['hop']}, +{s['over_baseline']:.2f} over"
-                      f" {s['baseline_name']})" for s in stack.stack) or "none"
+    names = ", ".join(f"{s.name} (hop {s.hop}, +{s.over_baseline:.2f} over"
+                      f" {s.baseline_name})" for s in stack.stack) or "none"
     from .stacking import load_depth_study
 
     try:

@@ -245,7 +245,7 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
         return {"$result": type(value).__name__,
                 "fields": {k: _encode(v, tensors, f"{key}.{k}") for k, v in state.items()}}
     if isinstance(value, torch.Tensor):
-        tensors[key] = value.detach().cpu().contiguous()
+        tensors[key] = value.detach().cpu().clone().contiguous()  # no shared storage (safetensors refuses it)
         return {"$tensor": key}
     if isinstance(value, tuple):
         return {"$tuple": [_encode(v, tensors, f"{key}.{i}") for i, v in enumerate(value)]}

@@ -28,19 +28,25 @@ This module reads that competition off a TransformerLens model:
   V orthogonal from a QR, ``Lambda = +/- diag(psi)^2``) or whose ln1 gamma is negated.
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import torch
+from jaxtyping import Complex, Float, Int
 from tqdm.auto import tqdm
 
 from . import _tl
-from .core import capture_acts, copy_model, guard
+from .core import activations, copy_model, extractor
 from .errors import InputError, ModelError
-from .inputs import check_finite, check_layers, check_pattern, to_tokens
+from .inputs import check_finite, check_layers, check_pattern, hook_names
+from .results import Result, Table
+
+Tokens = Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"] | str | list[str]
 
 __all__ = [
     "READINGS",
@@ -84,38 +90,6 @@ def _centres(model: Any) -> bool:
     return _norm_type(model) in ("LN", "LNPre")
 
 
-def _norm_scale(model: Any, layer: int, norm: str = "ln1") -> torch.Tensor | None:
-    """The gamma parameter of block ``layer``'s ``norm``, or None (no norm, or LNPre).
-
-    HookedTransformer calls it ``w``, bridges ``weight``; a bridge in compatibility mode
-    keeps a vector of ones there. The parameter itself, so no_grad writes reach the model.
-    """
-    module = getattr(model.blocks[layer], norm, None)
-    for attr in ("w", "weight"):
-        w = getattr(module, attr, None) if module is not None else None
-        if isinstance(w, torch.Tensor):
-            return w
-    return None
-
-
-def _head_weight(model: Any, layer: int, name: str) -> torch.Tensor:
-    """``blocks.{layer}.attn.{name}`` (W_Q/W_K/W_V/W_O/b_V/b_O) as a writable tensor.
-
-    A parameter on HookedTransformer, a view of the linear weight on bridges; anything
-    that does not share a parameter's storage cannot be written and raises ModelError.
-    """
-    attn = model.blocks[layer].attn
-    t = getattr(attn, name, None)
-    storages = {p.untyped_storage().data_ptr() for p in attn.parameters()}
-    if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() not in storages:
-        raise ModelError(
-            f"blocks.{layer}.attn.{name} of this {type(model).__name__} is not a view of a"
-            " parameter, so lensprobe cannot write it; use a model built by lp.tiny_model or"
-            " loaded raw (lp.load_model(..., processed=False))."
-        )
-    return t
-
-
 def _check_mha(model: Any) -> None:
     n_kv = getattr(model.cfg, "n_key_value_heads", None)
     if n_kv not in (None, model.cfg.n_heads):
@@ -133,7 +107,7 @@ def ov_factors(
     fold_ln: bool = True,
     layers: Sequence[int] | int | None = None,
     dtype: torch.dtype = _EIG_DTYPE,
-) -> tuple[torch.Tensor, torch.Tensor, str]:
+) -> tuple[Float[torch.Tensor, "layer head d_model d_head"], Float[torch.Tensor, "layer head d_head d_model"], str]:
     """The factors of each head's OV matrix: ``(W_V_eff, W_O, description)``.
 
     ``W_V_eff`` [layers, heads, d_model, d_head], ``W_O`` [layers, heads, d_head, d_model]
@@ -169,7 +143,7 @@ def ov_factors(
     d = W_V.shape[-2]
     scales = []
     for l in layer_ids:
-        g = _norm_scale(model, l)
+        g = _tl.norm_scale(model, l)
         scales.append(torch.ones(d, dtype=dtype) if g is None else g.detach().to("cpu", dtype))
     gamma = torch.stack(scales).to(W_V.device)  # [layers, d]
     W_eff = gamma[:, None, :, None] * W_V
@@ -205,7 +179,8 @@ def _sort_eigs(eigs: torch.Tensor) -> torch.Tensor:
 
 
 def classify_spectrum(
-    eigenvalues: torch.Tensor, *, causal: bool = True, tol: float = 1e-6
+    eigenvalues: Complex[torch.Tensor, " eig"] | Float[torch.Tensor, " eig"], *, causal: bool = True,
+    tol: float = 1e-6,
 ) -> tuple[str, float]:
     """The reading a (non-zero) OV spectrum allows on its own, and mu_DC.
 
@@ -276,20 +251,71 @@ def _layer_eigenvalues(W_V: torch.Tensor, W_O: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvals(M)
 
 
+class _HeadsAndSum:
+    """Shared by the two results with one row per head and one per layer's head sum:
+    complex tensors are saved as (real, imag) pairs, and the table's ``head`` column is
+    a nullable int (<NA> on the head-sum rows)."""
+
+    def _state(self) -> dict[str, Any]:
+        state = super()._state()  # type: ignore[misc]
+        cx = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_complex()]
+        return {**state, **{k: torch.view_as_real(state[k]) for k in cx}, "complex_fields": cx}
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any]) -> Any:
+        state = dict(state)
+        for k in state.pop("complex_fields", []):
+            state[k] = torch.view_as_complex(state[k].contiguous())
+        return super()._from_state(state)  # type: ignore[misc]
+
+    def to_dataframe(self) -> Any:
+        df = super().to_dataframe()  # type: ignore[misc]
+        df["head"] = df["head"].astype("Int64")
+        return df
+
+
+def _heads_and_sum(layers: Sequence[int], n_heads: int, has_sum: bool, cells: list[list[dict]]) -> Table:
+    """A (layer, head) table whose last "head" is the layer's head sum (head <NA>, kind
+    'layer') when ``has_sum``; ``cells[i][u]`` holds the columns of layer i, unit u."""
+    import numpy as np
+    import pandas as pd
+
+    units = list(range(n_heads)) + ([pd.NA] if has_sum else [])
+    cols: dict[str, Any] = {"kind": (("head",), ["head"] * n_heads + ["layer"] * has_sum)}
+    cols.update({c: (("layer", "head"), np.asarray([[cell[c] for cell in row] for row in cells]))
+                 for c in cells[0][0]})
+    return Table({"layer": list(layers), "head": units}, cols)
+
+
+def _spectrum_stats(eigs: torch.Tensor, reading: str, mu_dc: float, causal: bool) -> dict[str, Any]:
+    """One table row of a spectrum: its reading, mu_DC, the HF bound and eigenvalue counts."""
+    n = eigs.numel()
+    real = eigs.imag.abs() <= 1e-9 * max(1.0, float(eigs.abs().max()) if n else 1.0)
+    bound = 1.0 if n == 0 else max(1.0, mu_dc) if causal else 1.0 + float(eigs.abs().max())
+    return dict(
+        reading=reading, mu_dc=mu_dc, mu_hf_bound=bound, n_nonzero=n,
+        n_positive=int((real & (eigs.real > 0)).sum()), n_negative=int((real & (eigs.real < 0)).sum()),
+        n_complex=int((~real).sum()),
+        min_real=float(eigs.real.min()) if n else math.nan,
+        max_real=float(eigs.real.max()) if n else math.nan,
+        max_abs_imag=float(eigs.imag.abs().max()) if n else math.nan,
+    )
+
+
 @dataclass(frozen=True)
-class OVSpectrum:
+class OVSpectrum(_HeadsAndSum, Result):
     """OV eigenspectra of a model and the reading each allows (Dovonon et al.).
 
-    head_eigenvalues:  complex [layers, heads, d_head], the non-zero spectrum of each
-                       head's H = W_V W_O (eigenvalues of the d_head x d_head W_O W_V),
-                       sorted by descending real part. Zeros (rank deficiency) are kept
-                       in the tensor and marked False in ``head_nonzero``.
-    head_nonzero:      bool [layers, heads, d_head].
-    layer_eigenvalues: complex [layers, r], spectrum of the head sum sum_h H_h,
-                       r = min(d_model, heads * d_head) (the rest are exactly zero).
-    layer_nonzero:     bool [layers, r].
-    head_mu_dc:        [layers, heads] mu_DC = max_j |1 + lambda_j| over non-zero lambda.
-    layer_mu_dc:       [layers].
+    head_eigenvalues:  complex [layer, head, eig] (eig = d_head), the non-zero spectrum of
+                       each head's H = W_V W_O (eigenvalues of the d_head x d_head
+                       W_O W_V), sorted by descending real part. Zeros (rank deficiency)
+                       are kept in the tensor and marked False in ``head_nonzero``.
+    head_nonzero:      bool [layer, head, eig].
+    layer_eigenvalues: complex [layer, layer_eig], spectrum of the head sum sum_h H_h,
+                       layer_eig = min(d_model, heads * d_head) (the rest are exactly zero).
+    layer_nonzero:     bool [layer, layer_eig].
+    head_mu_dc:        [layer, head] mu_DC = max_j |1 + lambda_j| over non-zero lambda.
+    layer_mu_dc:       [layer].
     head_reading:      per layer a tuple of per-head readings (see :data:`READINGS`).
     layer_reading:     per layer, the reading of the head sum.
     (The four ``layer_*`` fields are None when computed with ``per_layer=False``.)
@@ -298,6 +324,13 @@ class OVSpectrum:
     weights:           which weights were used, in words.
     causal:            whether the readings assume causal attention.
     """
+
+    AXES: ClassVar = {
+        "head_eigenvalues": ("layer", "head", "eig"), "head_nonzero": ("layer", "head", "eig"),
+        "layer_eigenvalues": ("layer", "layer_eig"), "layer_nonzero": ("layer", "layer_eig"),
+        "head_mu_dc": ("layer", "head"), "layer_mu_dc": ("layer",),
+    }
+    TITLE: ClassVar = "OV eigenspectra"
 
     head_eigenvalues: torch.Tensor
     head_nonzero: torch.Tensor
@@ -312,12 +345,12 @@ class OVSpectrum:
     weights: str
     causal: bool
 
-    def head(self, layer: int, head: int) -> torch.Tensor:
+    def head(self, layer: int, head: int) -> Complex[torch.Tensor, " eig"]:
         """The non-zero eigenvalues of one head (``layer`` is a model layer index)."""
         i = self._row(layer)
         return self.head_eigenvalues[i, head][self.head_nonzero[i, head]]
 
-    def layer(self, layer: int) -> torch.Tensor:
+    def layer(self, layer: int) -> Complex[torch.Tensor, " eig"]:
         """The non-zero eigenvalues of one layer's head sum."""
         i = self._row(layer)
         if self.layer_eigenvalues is None:
@@ -329,7 +362,7 @@ class OVSpectrum:
             raise InputError(f"layer {layer} was not analysed; layers are {list(self.layers)}.")
         return self.layers.index(layer)
 
-    def to_dataframe(self) -> Any:
+    def _table(self) -> Table:
         """One row per head and one per layer sum (head = <NA>, kind 'layer').
 
         Columns: reading, mu_dc, ``mu_hf_bound`` (the largest |1 + a lambda_j| any
@@ -337,52 +370,29 @@ class OVSpectrum:
         eigenvalues a lie in [0, 1), and 1 + max_j |lambda_j| for bidirectional attention,
         a in the unit disk), and counts/ranges of the non-zero eigenvalues.
         """
-        import pandas as pd
-
-        rows = []
-
-        def row(layer: int, head: Any, kind: str, eigs: torch.Tensor, reading: str, mu: float):
-            real = eigs.imag.abs() <= 1e-9 * max(1.0, float(eigs.abs().max()) if eigs.numel() else 1.0)
-            rows.append(
-                dict(
-                    layer=layer,
-                    head=head,
-                    kind=kind,
-                    reading=reading,
-                    mu_dc=mu,
-                    mu_hf_bound=self._hf_bound(eigs, mu),
-                    n_nonzero=int(eigs.numel()),
-                    n_positive=int((real & (eigs.real > 0)).sum()),
-                    n_negative=int((real & (eigs.real < 0)).sum()),
-                    n_complex=int((~real).sum()),
-                    min_real=float(eigs.real.min()) if eigs.numel() else math.nan,
-                    max_real=float(eigs.real.max()) if eigs.numel() else math.nan,
-                    max_abs_imag=float(eigs.imag.abs().max()) if eigs.numel() else math.nan,
-                )
-            )
-
+        H, has_sum = self.head_eigenvalues.shape[1], self.layer_reading is not None
+        cells = []
         for i, l in enumerate(self.layers):
-            for h in range(self.head_eigenvalues.shape[1]):
-                row(l, h, "head", self.head(l, h), self.head_reading[i][h],
-                    float(self.head_mu_dc[i, h]))
-            if self.layer_reading is not None:
-                row(l, pd.NA, "layer", self.layer(l), self.layer_reading[i],
-                    float(self.layer_mu_dc[i]))
-        df = pd.DataFrame(rows)
-        df["head"] = df["head"].astype("Int64")
-        return df
+            row = [_spectrum_stats(self.head(l, h), self.head_reading[i][h], float(self.head_mu_dc[i, h]),
+                                   self.causal) for h in range(H)]
+            if has_sum:
+                row.append(_spectrum_stats(self.layer(l), self.layer_reading[i], float(self.layer_mu_dc[i]),
+                                           self.causal))
+            cells.append(row)
+        return _heads_and_sum(self.layers, H, has_sum, cells)
 
-    def _hf_bound(self, eigs: torch.Tensor, mu_dc: float) -> float:
-        if eigs.numel() == 0:
-            return 1.0
-        return max(1.0, mu_dc) if self.causal else 1.0 + float(eigs.abs().max())
+    def summary(self) -> dict[str, Any]:
+        """How many heads (and head sums) got each reading, and which weights were used."""
+        out: dict[str, Any] = {f"heads {r}": n for r, n in Counter(sum(self.head_reading, ())).items()}
+        out.update({f"layers {r}": n for r, n in Counter(self.layer_reading or ()).items()})
+        return {**out, "max head mu_dc": float(self.head_mu_dc.max()), "weights": self.weights}
 
     def eigen_dataframe(self) -> Any:
         """Long format: one row per non-zero eigenvalue (layer, head or <NA>, real, imag)."""
         import pandas as pd
 
         rows = []
-        for i, l in enumerate(self.layers):
+        for l in self.layers:
             for h in range(self.head_eigenvalues.shape[1]):
                 for z in self.head(l, h).tolist():
                     rows.append(dict(layer=l, head=h, kind="head", real=z.real, imag=z.imag))
@@ -437,19 +447,13 @@ class OVSpectrum:
         return fig
 
     def show(self) -> Any:
-        """A View: the per-layer/per-head reading table and the complex-plane plot."""
-        from .views import View, escape, figure_html, table_html
+        """The complex-plane plot, the readings and the per-layer/per-head table."""
+        from .views import escape, figure_view, table_html
 
-        df = self.to_dataframe()
-        table = table_html(df[["layer", "head", "kind", "reading", "mu_dc", "n_nonzero",
-                                "n_positive", "n_negative", "n_complex"]], na_rep="")
-        fig = self.plot()
-        body = (
-            f"<h3>OV eigenspectra</h3><p class='note'>{escape(self.weights)}</p>"
-            + table + figure_html(fig, alt="OV eigenvalues")
-        )
-        _close(fig)
-        return View(body, title="OV eigenspectra")
+        df = self.to_dataframe()[["layer", "head", "kind", "reading", "mu_dc", "n_nonzero",
+                                  "n_positive", "n_negative", "n_complex"]]
+        note = f"<p class='note'>{escape(self.weights)}</p>"
+        return figure_view(self.plot(), self.TITLE, self.summary(), extra_html=note + table_html(df, na_rep=""))
 
 
 def _draw_regions(ax: Any) -> None:
@@ -466,12 +470,7 @@ def _draw_regions(ax: Any) -> None:
     ax.update_datalim([(-2.1, -1.1), (0.4, 1.1)])
 
 
-def _close(fig: Any) -> None:
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
-
+@extractor
 def ov_spectrum(
     model: Any,
     *,
@@ -496,44 +495,44 @@ def ov_spectrum(
     """
     from transformer_lens import FactoredMatrix
 
-    with guard(model):
-        with torch.no_grad():
-            W_V, W_O, desc = ov_factors(model, fold_ln=fold_ln, layers=layers)
-            check_finite(W_V, "W_V")
-            check_finite(W_O, "W_O")
-            layer_ids = tuple(check_layers(model, layers))
-            head_eigs = FactoredMatrix(W_V, W_O).eigenvalues.to(torch.complex128)
-            layer_list = []
-            steps = range(len(layer_ids)) if per_layer else range(0)
-            for i in tqdm(steps, desc="layer spectra", disable=not progress):
-                layer_list.append(_layer_eigenvalues(W_V[i : i + 1], W_O[i : i + 1])[0])
-    head_eigs = _sort_eigs(head_eigs)
+    with torch.no_grad():
+        W_V, W_O, desc = ov_factors(model, fold_ln=fold_ln, layers=layers)
+        check_finite(W_V, "W_V")
+        check_finite(W_O, "W_O")
+        head_eigs = _sort_eigs(FactoredMatrix(W_V, W_O).eigenvalues.to(torch.complex128))
+        steps = range(W_V.shape[0]) if per_layer else range(0)
+        layer_list = [_layer_eigenvalues(W_V[i : i + 1], W_O[i : i + 1])[0]
+                      for i in tqdm(steps, desc="layer spectra", disable=not progress)]
     layer_eigs = _sort_eigs(torch.stack(layer_list).to(torch.complex128)) if per_layer else None
     causal = _is_causal(model)
-    head_reading, head_mu = [], []
-    for i in range(len(layer_ids)):
-        rs = [classify_spectrum(e, causal=causal, tol=tol) for e in head_eigs[i]]
-        head_reading.append(tuple(r for r, _ in rs))
-        head_mu.append([m for _, m in rs])
-    layer_rs = [classify_spectrum(e, causal=causal, tol=tol) for e in layer_eigs] if per_layer else []
+    head_rs = [_readings(e, causal, tol) for e in head_eigs]
+    layer_rs = _readings(layer_eigs, causal, tol) if per_layer else None
     return OVSpectrum(
         head_eigenvalues=head_eigs,
         head_nonzero=_drop_zeros(head_eigs, tol),
         layer_eigenvalues=layer_eigs,
         layer_nonzero=_drop_zeros(layer_eigs, tol) if per_layer else None,
-        head_mu_dc=torch.tensor(head_mu, dtype=torch.float64),
-        layer_mu_dc=torch.tensor([m for _, m in layer_rs], dtype=torch.float64) if per_layer else None,
-        head_reading=tuple(head_reading),
-        layer_reading=tuple(r for r, _ in layer_rs) if per_layer else None,
-        layers=layer_ids,
+        head_mu_dc=torch.stack([mu for _, mu in head_rs]),
+        layer_mu_dc=layer_rs[1] if per_layer else None,
+        head_reading=tuple(r for r, _ in head_rs),
+        layer_reading=layer_rs[0] if per_layer else None,
+        layers=tuple(check_layers(model, layers)),
         fold_ln=bool(fold_ln) and _norm_type(model) is not None,
         weights=desc,
         causal=causal,
     )
 
 
+def _readings(spectra: torch.Tensor, causal: bool, tol: float) -> tuple[tuple[str, ...], torch.Tensor]:
+    """:func:`classify_spectrum` of each row of ``spectra`` [n, k]: (readings, mu_DC [n])."""
+    rs = [classify_spectrum(e, causal=causal, tol=tol) for e in spectra]
+    return tuple(r for r, _ in rs), torch.tensor([m for _, m in rs], dtype=torch.float64)
+
+
 # --------------------------------------------------------------------------- dominance
-def attention_eigenvalues(pattern: torch.Tensor, *, causal: bool | None = None) -> torch.Tensor:
+def attention_eigenvalues(
+    pattern: Float[torch.Tensor, "*batch query key"], *, causal: bool | None = None
+) -> Float[torch.Tensor, "*batch pos"] | Complex[torch.Tensor, "*batch pos"]:
     """Eigenvalues of attention matrices ``pattern`` [..., n, n] (rows sum to 1).
 
     Causal (lower-triangular) attention: the diagonal, exactly (real; index 0 is the
@@ -556,7 +555,10 @@ def attention_eigenvalues(pattern: torch.Tensor, *, causal: bool | None = None) 
     return torch.gather(eig, -1, order)
 
 
-def update_eigenvalues(attn_eigs: torch.Tensor, ov_eigs: torch.Tensor) -> torch.Tensor:
+def update_eigenvalues(
+    attn_eigs: Float[torch.Tensor, "*batch pos"] | Complex[torch.Tensor, "*batch pos"],
+    ov_eigs: Complex[torch.Tensor, "*batch eig"] | Float[torch.Tensor, "*batch eig"],
+) -> Complex[torch.Tensor, "*batch pos eig"]:
     """``mu_ij = 1 + lambda^A_i lambda^H_j``: the eigenvalues of ``I + H^T (x) A``.
 
     ``attn_eigs`` [..., n], ``ov_eigs`` [..., k] (broadcast leading dims); result
@@ -594,79 +596,91 @@ def _verdict(mu_dc: torch.Tensor, mu_hf: torch.Tensor, tol: float) -> torch.Tens
 
 
 @dataclass(frozen=True)
-class Dominance:
+class Dominance(_HeadsAndSum, Result):
     """Which eigenmode dominates, per layer, head and input (Dovonon et al.'s table).
 
-    attn_eigenvalues: [batch, layers, heads, pos] attention eigenvalues (real, the
+    attn_eigenvalues: [prompt, layer, head, pos] attention eigenvalues (real, the
                       diagonal, for causal models; complex otherwise); index 0 is DC.
-    mu_dc:            [layers, heads] max_j |1 + lambda^H_j| (input-independent).
-    mu_hf:            [batch, layers, heads] max_{i>=2, j} |1 + lambda^A_i lambda^H_j|.
-    dominant:         int8 [batch, layers, heads]: +1 DC, -1 HF, 0 tie.
-    layer_mu_dc:      [layers] for the head sum H = sum_h H_h.
-    layer_mu_hf:      [batch, layers] with the head-averaged attention (exact when the
+    mu_hf:            [prompt, layer, head] max_{i>=2, j} |1 + lambda^A_i lambda^H_j|.
+    dominant:         int8 [prompt, layer, head]: +1 DC, -1 HF, 0 tie.
+    layer_mu_hf:      [prompt, layer] for the head sum H = sum_h H_h, with the head-averaged attention (exact when the
                       heads share one pattern; the per-head columns are always exact).
-    layer_dominant:   int8 [batch, layers].
-    (The three ``layer_*`` fields are None with ``per_layer=False``.)
-    spectrum:         the :class:`OVSpectrum` the OV eigenvalues came from.
+    layer_dominant:   int8 [prompt, layer].
+    (The two ``layer_*`` fields are None with ``per_layer=False``.)
+    spectrum:         the :class:`OVSpectrum` the OV eigenvalues came from; ``mu_dc``
+                      [layer, head] and ``layer_mu_dc`` [layer] are its input-independent
+                      max_j |1 + lambda^H_j|.
+    layers:           the layer indices analysed.
     """
 
+    AXES: ClassVar = {
+        "mu_hf": ("prompt", "layer", "head"), "dominant": ("prompt", "layer", "head"),
+        "attn_eigenvalues": ("prompt", "layer", "head", "pos"),
+        "layer_mu_hf": ("prompt", "layer"), "layer_dominant": ("prompt", "layer"),
+    }
+    TITLE: ClassVar = "Dominant eigenmodes"
+
     attn_eigenvalues: torch.Tensor
-    mu_dc: torch.Tensor
     mu_hf: torch.Tensor
     dominant: torch.Tensor
-    layer_mu_dc: torch.Tensor | None
     layer_mu_hf: torch.Tensor | None
     layer_dominant: torch.Tensor | None
     spectrum: OVSpectrum
     layers: tuple[int, ...]
 
     @property
-    def frac_dc(self) -> torch.Tensor:
-        """[layers, heads] fraction of inputs where DC dominates."""
+    def mu_dc(self) -> Float[torch.Tensor, "layer head"]:
+        """[layer, head] max_j |1 + lambda^H_j| of each head (input-independent)."""
+        return self.spectrum.head_mu_dc
+
+    @property
+    def layer_mu_dc(self) -> Float[torch.Tensor, " layer"] | None:
+        """[layer] the same for the head sum (None with ``per_layer=False``)."""
+        return self.spectrum.layer_mu_dc
+
+    @property
+    def frac_dc(self) -> Float[torch.Tensor, "layer head"]:
+        """[layer, head] fraction of inputs where DC dominates."""
         return (self.dominant == 1).double().mean(dim=0)
 
     @property
-    def frac_hf(self) -> torch.Tensor:
-        """[layers, heads] fraction of inputs where an HF mode dominates."""
+    def frac_hf(self) -> Float[torch.Tensor, "layer head"]:
+        """[layer, head] fraction of inputs where an HF mode dominates."""
         return (self.dominant == -1).double().mean(dim=0)
 
     @property
-    def layer_frac_dc(self) -> torch.Tensor | None:
-        """[layers] fraction of inputs where DC dominates the head-sum update."""
+    def layer_frac_dc(self) -> Float[torch.Tensor, " layer"] | None:
+        """[layer] fraction of inputs where DC dominates the head-sum update."""
         return None if self.layer_dominant is None else (self.layer_dominant == 1).double().mean(0)
 
     @property
-    def layer_frac_hf(self) -> torch.Tensor | None:
+    def layer_frac_hf(self) -> Float[torch.Tensor, " layer"] | None:
         return None if self.layer_dominant is None else (self.layer_dominant == -1).double().mean(0)
 
-    def to_dataframe(self) -> Any:
+    def _table(self) -> Table:
         """One row per head and per layer (head <NA>): fractions DC / HF / tie, mu values."""
-        import pandas as pd
+        has_sum = self.layer_dominant is not None
 
-        rows = []
-        for i, l in enumerate(self.layers):
-            for h in range(self.mu_dc.shape[1]):
-                d = self.dominant[:, i, h]
-                rows.append(dict(layer=l, head=h, kind="head",
-                                 frac_dc=float((d == 1).double().mean()),
-                                 frac_hf=float((d == -1).double().mean()),
-                                 frac_tie=float((d == 0).double().mean()),
-                                 mu_dc=float(self.mu_dc[i, h]),
-                                 mu_hf_mean=float(self.mu_hf[:, i, h].mean()),
-                                 reading=self.spectrum.head_reading[i][h]))
-            if self.layer_dominant is None:
-                continue
-            d = self.layer_dominant[:, i]
-            rows.append(dict(layer=l, head=pd.NA, kind="layer",
-                             frac_dc=float((d == 1).double().mean()),
-                             frac_hf=float((d == -1).double().mean()),
-                             frac_tie=float((d == 0).double().mean()),
-                             mu_dc=float(self.layer_mu_dc[i]),
-                             mu_hf_mean=float(self.layer_mu_hf[:, i].mean()),
-                             reading=self.spectrum.layer_reading[i]))
-        df = pd.DataFrame(rows)
-        df["head"] = df["head"].astype("Int64")
-        return df
+        def units(head: torch.Tensor, layer: torch.Tensor | None) -> torch.Tensor:  # [..., layer, unit]
+            return torch.cat([head, layer[..., None]], -1) if has_sum else head
+
+        d = units(self.dominant, self.layer_dominant)
+        cols = dict(frac_dc=(d == 1).double().mean(0), frac_hf=(d == -1).double().mean(0),
+                    frac_tie=(d == 0).double().mean(0), mu_dc=units(self.mu_dc, self.layer_mu_dc),
+                    mu_hf_mean=units(self.mu_hf, self.layer_mu_hf).mean(0))
+        spec = self.spectrum
+        readings = [spec.head_reading[i] + ((spec.layer_reading[i],) if has_sum else ())
+                    for i in range(len(self.layers))]
+        cells = [[{k: float(v[i, u]) for k, v in cols.items()} | {"reading": readings[i][u]}
+                  for u in range(d.shape[-1])] for i in range(len(self.layers))]
+        return _heads_and_sum(self.layers, self.mu_dc.shape[1], has_sum, cells)
+
+    def summary(self) -> dict[str, Any]:
+        """Fractions of (input, layer, head) cases won by DC and by HF, and the same for head sums."""
+        out = {"frac_dc": float(self.frac_dc.mean()), "frac_hf": float(self.frac_hf.mean())}
+        if self.layer_dominant is not None:
+            out.update(layer_frac_dc=float(self.layer_frac_dc.mean()), layer_frac_hf=float(self.layer_frac_hf.mean()))
+        return out
 
     def plot(self) -> Any:
         """Heatmap of the fraction of inputs where DC dominates, layers x (heads + sum)."""
@@ -687,21 +701,13 @@ class Dominance:
         fig.tight_layout()
         return fig
 
-    def show(self) -> Any:
-        from .views import View, figure_html, table_html
 
-        fig = self.plot()
-        body = "<h3>Dominant eigenmodes</h3>" + table_html(self.to_dataframe(), na_rep="") + figure_html(
-            fig, alt="dominance"
-        )
-        _close(fig)
-        return View(body, title="dominant eigenmodes")
-
-
+@extractor
 def dominance(
     model: Any,
-    tokens: Any,
+    tokens: Tokens | None = None,
     *,
+    cache: Any = None,
     fold_ln: bool = True,
     layers: Sequence[int] | int | None = None,
     per_layer: bool = True,
@@ -716,52 +722,42 @@ def dominance(
     max_{i>=2, j} |1 + lambda^A_i lambda^H_j|``; the larger one dominates with depth.
     Per layer the head sum's spectrum is paired with the head-averaged attention. Needs
     at least two positions (one token has no high-frequency mode). ``per_layer=False``
-    skips the head-sum analysis (see :func:`ov_spectrum`).
+    skips the head-sum analysis (see :func:`ov_spectrum`). The attention patterns
+    (``blocks.{l}.attn.hook_pattern``) come from a forward pass on ``tokens`` or from
+    ``cache`` (an ``ActivationCache`` of ``model``, e.g. ``model.run_with_cache(tokens)[1]``).
     """
-    toks = to_tokens(model, tokens)
-    if toks.shape[1] < 2:
+    spec = ov_spectrum(model, fold_ln=fold_ln, layers=layers, per_layer=per_layer, tol=tol,
+                       progress=False)
+    names = [f"blocks.{l}.attn.hook_pattern" for l in spec.layers]
+    acts = activations(model, tokens, names, cache)
+    if acts[names[0]].shape[-1] < 2:
         raise InputError(
             "dominance needs sequences of at least 2 tokens: with one token there is no"
             " high-frequency mode to compare with DC."
         )
-    spec = ov_spectrum(model, fold_ln=fold_ln, layers=layers, per_layer=per_layer, tol=tol,
-                       progress=False)
-    causal = spec.causal
-    names = [f"blocks.{l}.attn.hook_pattern" for l in spec.layers]
-    with guard(model):
-        acts = capture_acts(model, toks, names)
     attn, mu_hf, lmu_hf = [], [], []
     for i, name in enumerate(tqdm(names, desc="dominance", disable=not progress)):
         pat = check_pattern(acts[name].detach().to(torch.float64), f"attention pattern {name!r}")
-        a = attention_eigenvalues(pat, causal=causal)  # [batch, heads, pos]
-        attn.append(a)
-        _, hf = _mu(a, spec.head_eigenvalues[i][None], spec.head_nonzero[i][None])
-        mu_hf.append(hf)
+        attn.append(attention_eigenvalues(pat, causal=spec.causal))  # [batch, heads, pos]
+        mu_hf.append(_mu(attn[-1], spec.head_eigenvalues[i][None], spec.head_nonzero[i][None])[1])
         if per_layer:
-            la = attention_eigenvalues(pat.mean(dim=1), causal=causal)  # [batch, pos]
-            _, lhf = _mu(la, spec.layer_eigenvalues[i][None], spec.layer_nonzero[i][None])
-            lmu_hf.append(lhf)
+            la = attention_eigenvalues(pat.mean(dim=1), causal=spec.causal)  # [batch, pos]
+            lmu_hf.append(_mu(la, spec.layer_eigenvalues[i][None], spec.layer_nonzero[i][None])[1])
     mu_hf_t = torch.stack(mu_hf, dim=1)  # [batch, layers, heads]
     lmu_hf_t = torch.stack(lmu_hf, dim=1) if per_layer else None  # [batch, layers]
-    mu_dc = spec.head_mu_dc
-    lmu_dc = spec.layer_mu_dc
     return Dominance(
         attn_eigenvalues=torch.stack(attn, dim=1),
-        mu_dc=mu_dc,
         mu_hf=mu_hf_t,
-        dominant=_verdict(mu_dc[None].expand_as(mu_hf_t), mu_hf_t, tol),
-        layer_mu_dc=lmu_dc,
+        dominant=_verdict(spec.head_mu_dc[None].expand_as(mu_hf_t), mu_hf_t, tol),
         layer_mu_hf=lmu_hf_t,
-        layer_dominant=(
-            _verdict(lmu_dc[None].expand_as(lmu_hf_t), lmu_hf_t, tol) if per_layer else None
-        ),
+        layer_dominant=_verdict(spec.layer_mu_dc[None].expand_as(lmu_hf_t), lmu_hf_t, tol) if per_layer else None,
         spectrum=spec,
         layers=spec.layers,
     )
 
 
 # --------------------------------------------------------------------------- profiles
-def sequence_measures(X: torch.Tensor) -> dict[str, torch.Tensor]:
+def sequence_measures(X: Float[torch.Tensor, "*batch pos d"]) -> dict[str, Float[torch.Tensor, "*batch"]]:
     """Smoothing measures of token matrices ``X`` [..., n, d] (Dovonon et al.).
 
     * ``hc_dc``: ||HC[X]||_F / ||DC[X]||_F with DC[X] = 1 mean(X)^T (token mean broadcast
@@ -807,14 +803,18 @@ _MEASURE_LABELS = {
 
 
 @dataclass(frozen=True)
-class SmoothingProfile:
+class SmoothingProfile(Result):
     """Smoothing measures of every residual stream (Dovonon et al.).
 
-    Each of ``hc_dc``, ``cosine``, ``dirichlet``, ``sigma_ratio`` is [batch, depth] with
-    depth 0..n_layers: depth l is ``blocks.{l}.hook_resid_pre`` (the input to block l) and
-    the last one ``blocks.{L-1}.hook_resid_post``. See :func:`sequence_measures`.
-    ``hooks`` names the hook at each depth.
+    hc_dc, cosine, dirichlet, sigma_ratio: [prompt, depth], one column per hook of
+    ``hooks`` (by default depth 0..n_layers: depth l is ``blocks.{l}.hook_resid_pre``,
+    the input to block l, and the last one ``blocks.{L-1}.hook_resid_post``). See
+    :func:`sequence_measures`.
+    hooks: the hook read at each depth; label: the legend entry of :meth:`plot`.
     """
+
+    AXES: ClassVar = {m: ("prompt", "depth") for m in ("hc_dc", "cosine", "dirichlet", "sigma_ratio")}
+    TITLE: ClassVar = "Smoothing profile"
 
     hc_dc: torch.Tensor
     cosine: torch.Tensor
@@ -823,33 +823,31 @@ class SmoothingProfile:
     hooks: tuple[str, ...]
     label: str = ""
 
-    def measure(self, name: str) -> torch.Tensor:
+    def measure(self, name: Literal["hc_dc", "cosine", "dirichlet", "sigma_ratio"]) -> Float[torch.Tensor, "prompt depth"]:
         if name not in _MEASURES:
             raise InputError(f"unknown measure {name!r}; choose one of {_MEASURES}.")
         return getattr(self, name)
 
-    def mean(self, name: str) -> torch.Tensor:
+    def mean(self, name: str) -> Float[torch.Tensor, " depth"]:
         """[depth] batch mean of a measure."""
         return self.measure(name).mean(dim=0)
 
-    def std(self, name: str) -> torch.Tensor:
+    def std(self, name: str) -> Float[torch.Tensor, " depth"]:
         """[depth] batch standard deviation (0 for a batch of one)."""
         m = self.measure(name)
         return m.std(dim=0) if m.shape[0] > 1 else torch.zeros(m.shape[1], dtype=m.dtype)
 
-    def to_dataframe(self) -> Any:
-        """Long format: depth, hook, measure, mean, std, min, max over the batch."""
-        import pandas as pd
+    def _table(self) -> Table:
+        """Long format: measure, depth, hook, and mean, std, min, max over the prompts."""
+        stats = {"mean": self.mean, "std": self.std, "min": lambda n: self.measure(n).amin(0),
+                 "max": lambda n: self.measure(n).amax(0)}
+        cols: dict[str, Any] = {"hook": (("depth",), self.hooks)}
+        cols.update({k: (("measure", "depth"), torch.stack([f(n) for n in _MEASURES])) for k, f in stats.items()})
+        return Table({"measure": _MEASURES, "depth": range(len(self.hooks))}, cols)
 
-        rows = []
-        for name in _MEASURES:
-            m = self.measure(name)
-            mean, std = self.mean(name), self.std(name)
-            for k, hook in enumerate(self.hooks):
-                rows.append(dict(depth=k, hook=hook, measure=name, mean=float(mean[k]),
-                                 std=float(std[k]), min=float(m[:, k].min()),
-                                 max=float(m[:, k].max())))
-        return pd.DataFrame(rows)
+    def summary(self) -> dict[str, Any]:
+        """Each measure's batch mean at the first and the last depth."""
+        return {f"{n}_{end}": float(self.mean(n)[i]) for n in _MEASURES for end, i in (("first", 0), ("last", -1))}
 
     def plot(
         self, axes: Any = None, *, label: str | None = None, log_hc_dc: bool = True, **line_kw: Any
@@ -885,41 +883,50 @@ class SmoothingProfile:
         fig.tight_layout()
         return fig
 
-    def show(self) -> Any:
-        from .views import View, figure_html
 
-        fig = self.plot()
-        body = "<h3>Smoothing profile</h3>" + figure_html(fig, alt="smoothing profile")
-        _close(fig)
-        return View(body, title="smoothing profile")
-
-
-def smoothing_profile(model: Any, tokens: Any, *, label: str = "") -> SmoothingProfile:
+@extractor
+def smoothing_profile(
+    model: Any,
+    tokens: Tokens | None = None,
+    *,
+    hooks: str | Sequence[str] | Callable[[str], bool] | None = None,
+    cache: Any = None,
+    label: str = "",
+) -> SmoothingProfile:
     """||HC||/||DC||, mean pairwise cosine, normalised Dirichlet energy and sigma_2/sigma_1
     of the residual stream entering every block and leaving the last one, per input.
 
     Dovonon et al.: smoothing shows as ||HC||/||DC|| -> 0 and cosine -> 1 with depth;
     sharpening as a ratio that rises or levels off and cosine staying low. One guarded,
-    no-grad forward pass; measures from :func:`sequence_measures`.
+    no-grad forward pass on ``tokens``, or none with ``cache`` (an ``ActivationCache`` of
+    ``model``); measures from :func:`sequence_measures`. ``hooks`` picks other streams
+    the TransformerLens way (``names_filter``: a name, a list, or a predicate
+    ``name -> bool``), each of shape [batch, pos, d], in model order.
     """
-    toks = to_tokens(model, tokens)
-    if toks.shape[1] < 2:
-        raise InputError("smoothing_profile needs sequences of at least 2 tokens.")
     L = model.cfg.n_layers
-    hooks = tuple([f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"])
-    with guard(model):
-        acts = capture_acts(model, toks, hooks)
-    X = torch.stack([check_finite(acts[h], f"residual stream {h!r}") for h in hooks], dim=1)
-    m = sequence_measures(X)  # each [batch, depth]
-    return SmoothingProfile(hooks=hooks, label=label, **m)
+    names = ([f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+             if hooks is None else hook_names(model, hooks))
+    X = _streams(activations(model, tokens, names, cache), names)
+    if X.shape[-2] < 2:
+        raise InputError("smoothing_profile needs sequences of at least 2 tokens.")
+    return SmoothingProfile(hooks=tuple(names), label=label, **sequence_measures(X))  # each [batch, depth]
+
+
+def _streams(acts: dict[str, torch.Tensor], names: Sequence[str]) -> Float[torch.Tensor, "batch depth pos d"]:
+    """The activations at ``names`` stacked along a depth axis (all of one shape)."""
+    shapes = {tuple(acts[n].shape) for n in names}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise InputError(f"hooks must all hold [batch, pos, d] activations of one shape; got shapes {sorted(shapes)}"
+                         f" for {list(names)}. Pick residual-stream hooks such as 'blocks.0.hook_resid_pre'.")
+    return torch.stack([check_finite(acts[n], f"residual stream {n!r}") for n in names], dim=1)
 
 
 # --------------------------------------------------------------------------- sign control
 def sign_controlled(
     model: Any,
-    sign: str | int,
+    sign: Literal["+", "-", "plus", "minus", 1, -1],
     *,
-    psi: torch.Tensor | float | None = None,
+    psi: Float[torch.Tensor, "..."] | float | None = None,
     psi_range: tuple[float, float] = (0.5, 1.0),
     seed: int = 0,
     layers: Sequence[int] | int | None = None,
@@ -983,13 +990,13 @@ def sign_controlled(
                     for _ in range(H)
                 ])
             W_O = lam[i][:, :, None] * V.transpose(1, 2)  # [H, dh, d] = Lambda_h V_h^T
-            _head_weight(new, l, "W_V").copy_(V.to(dtype))
-            _head_weight(new, l, "W_O").copy_(W_O.to(dtype))
+            _tl.head_weight(new, l, "W_V").copy_(V.to(dtype))
+            _tl.head_weight(new, l, "W_O").copy_(W_O.to(dtype))
             if zero_bias:
                 for b in ("b_V", "b_O"):
                     t = getattr(new.blocks[l].attn, b, None)
                     if isinstance(t, torch.Tensor):
-                        _head_weight(new, l, b).zero_()
+                        _tl.head_weight(new, l, b).zero_()
     return new
 
 
@@ -1014,11 +1021,11 @@ def flip_ln_gamma(model: Any, *, layers: Sequence[int] | int | None = None) -> A
     new = copy_model(model)
     with torch.no_grad():
         for l in layer_ids:
-            g = _norm_scale(new, l)
+            g = _tl.norm_scale(new, l)
             if folded or g is None:
                 _check_mha(new)
                 for name in ("W_Q", "W_K", "W_V"):
-                    _head_weight(new, l, name).neg_()
+                    _tl.head_weight(new, l, name).neg_()
             else:
                 g.neg_()
     return new

@@ -27,7 +27,7 @@ never leaves a partial or duplicated row.
 
     >>> import lensprobe as lp
     >>> df = lp.run_sweep("block_coupling", ["zoo:shakespeare@all"], prompts=texts, shards=2,
-    ...                   engine="ray", results="sweep-out", k=10)
+    ...                   engine="ray", results="sweep-out", top_k=10)
     >>> df.groupby("step")["scalar"].mean()
 """
 
@@ -595,7 +595,7 @@ def run_sweep(
     'ov_spectrum', ...), a report section ('report:smoothing'), or a function
     ``f(model, tokens, **kwargs)`` (``f(model, **kwargs)`` when ``prompts`` is None) whose
     result :func:`summarise` accepts; ``kwargs`` go to it (JSON-able: they are part of
-    the result key, e.g. ``analysis='block_coupling(k=10)'``).
+    the result key, e.g. ``analysis='block_coupling(top_k=10)'``).
     ``models``: specs (module docstring), never live models. ``prompts``: texts (each
     model tokenises them; a shard's rows are cut to its shortest) or token ids [batch, pos],
     split into ``shards`` contiguous shards.
@@ -721,7 +721,7 @@ def coupling_and_loss(model: Any, tokens: Any, *, k: int = 10,
             raise InputError(f"max_tokens must be an integer >= 2, got {max_tokens!r}.")
         tokens = tokens[:, :max_tokens]
 
-    c = block_coupling(model, tokens, k=k, keep_products=False, progress=False)
+    c = block_coupling(model, tokens, top_k=k, keep_products=False, progress=False)
     with guard(model), torch.no_grad():
         logits = model(tokens)
     loss = torch.nn.functional.cross_entropy(
@@ -751,7 +751,7 @@ def add_cli(sub: Any) -> None:
     s.add_argument("--num-cpus", type=float, default=1, help="CPUs per Ray task")
     s.add_argument("--num-gpus", type=float, default=0, help="GPUs per Ray task")
     s.add_argument("--kw", action="append", default=[], metavar="KEY=JSON",
-                   help="analysis keyword argument, value as JSON (repeatable): --kw k=10")
+                   help="analysis keyword argument, value as JSON (repeatable): --kw top_k=10")
     s.add_argument("--out", default="sweep", help="results directory (default: ./sweep)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import uuid
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -35,6 +37,8 @@ __all__ = [
     "table_html",
     "save_html",
     "CIRCUITSVIS_TEXT_PROPS",
+    "GraphPanel",
+    "graph_view",
 ]
 
 # Unicode bidirectional controls (the "Trojan Source" characters, CVE-2021-42574): a token
@@ -273,3 +277,148 @@ def figure_view(fig: Any, title: str, summary: Any = None, *, extra_html: str = 
             {"quantity": list(summary), "value": [str(v) for v in summary.values()]})
         body += table_html(df)
     return View(body + extra_html, title=title)
+
+
+# --------------------------------------------------------------------------- graph panels
+@dataclass(frozen=True)
+class GraphPanel:
+    """One panel of :func:`graph_view`, laid out by the analysis (pixel coordinates).
+
+    key:     the panel's id (its ``data-k``); heading, note: its title and a one-line note.
+    size:    (width, height) of the drawing.
+    boxes:   ((x0, y0, w, h), highlighted) rectangles behind the nodes (highlighted: amber).
+    nodes:   (id, label, x, y, weight or None) circles; a weight is written under its node.
+    edges:   (src id, dst id, kind, status): kind ``"data"`` (solid) or ``"model"`` (dashed,
+             shown or hidden by the view's toggle), coloured by status.
+    """
+
+    key: int
+    heading: str
+    note: str
+    size: tuple[float, float]
+    boxes: tuple
+    nodes: tuple
+    edges: tuple
+
+
+_NODE_R = 15
+# kind -> (CSS class, bend of the curve, tooltip prefix): the two kinds bend to opposite
+# sides, so a data edge and a head edge of one pair never overlap.
+_EDGE_KINDS = {"data": ("lp-data", 14, ""), "model": ("lp-model", -14, "head: ")}
+
+_GRAPH_CSS = """
+.lp-panel { display: inline-block; vertical-align: top; margin: 0 18px 18px 0; }
+.lp-panel h3 { font-size: 1em; margin: 0.2em 0; }
+.lp-scc { fill: #f6f6f2; stroke: #b9b9b0; stroke-width: 1; rx: 6; }
+.lp-scc.lp-tied { fill: #fff6e0; stroke: #d9a400; }
+.lp-node circle { fill: #fff; stroke: #1f4e79; stroke-width: 1.5; }
+.lp-node text { font: 11px monospace; text-anchor: middle; dominant-baseline: central; }
+.lp-weight { font: 9px sans-serif; fill: #8a5a00; text-anchor: middle; }
+.lp-edge { fill: none; stroke-width: 1.4; }
+.lp-edge.lp-model { stroke-dasharray: 5 3; }
+.lp-legend span { display: inline-block; margin-right: 1em; }
+.lp-hide-model .lp-model { display: none; }
+"""
+
+_GRAPH_JS = """
+(function () {
+  var box = document.getElementById("lp-toggle-model");
+  if (!box) { return; }
+  box.addEventListener("change", function () {
+    document.body.classList.toggle("lp-hide-model", !box.checked);
+  });
+})();
+"""
+
+
+def _edge_path(p: tuple, q: tuple, bend: float) -> str:
+    """A quadratic curve from node p to node q, bent to the left of p -> q by ``bend``."""
+    (x1, y1), (x2, y2) = p, q
+    dx, dy = x2 - x1, y2 - y1
+    L = math.hypot(dx, dy) or 1.0
+    ux, uy = dx / L, dy / L
+    cx, cy = (x1 + x2) / 2 - uy * bend, (y1 + y2) / 2 + ux * bend
+    sx, sy = x1 + ux * _NODE_R, y1 + uy * _NODE_R
+    ex, ey = x2 - ux * (_NODE_R + 3), y2 - uy * (_NODE_R + 3)
+    return f"M{sx:.1f},{sy:.1f} Q{cx:.1f},{cy:.1f} {ex:.1f},{ey:.1f}"
+
+
+def _graph_edge(pos: dict, labels: dict, edge: tuple, colors: dict, uid: str) -> str:
+    a, b, kind, st = edge
+    cls, bend, prefix = _EDGE_KINDS[kind]
+    return (
+        f'<path class="lp-edge {cls} lp-{st}" data-kind="{kind}" data-status="{st}"'
+        f' data-src="{a}" data-dst="{b}" d="{_edge_path(pos[a], pos[b], bend)}"'
+        f' stroke="{colors[st]}" marker-end="url(#lp-arrow-{st}-{uid})">'
+        f"<title>{prefix}{escape(labels[a])} \u2192 {escape(labels[b])} ({st})</title></path>"
+    )
+
+
+def _graph_node(key: int, node: tuple) -> str:
+    t, label, x, y, weight = node
+    short = label if len(label) <= 6 else label[:5] + "\u2026"
+    out = (
+        f'<g class="lp-node" data-k="{key}" data-token="{t}"><title>{escape(label)}</title>'
+        f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{_NODE_R}"/>'
+        f'<text x="{x:.1f}" y="{y:.1f}">{escape(short)}</text></g>'
+    )
+    if weight is not None:
+        out += f'<text class="lp-weight" x="{x:.1f}" y="{y + _NODE_R + 10:.1f}">w={weight:.2f}</text>'
+    return out
+
+
+def _graph_panel(panel: GraphPanel, colors: dict, uid: str, defs: str) -> str:
+    w, h = panel.size
+    pos = {t: (x, y) for t, _, x, y, _ in panel.nodes}
+    labels = {t: label for t, label, *_ in panel.nodes}
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="lp-graph" width="{w:.0f}"'
+             f' height="{h:.0f}" viewBox="0 0 {w:.0f} {h:.0f}">', defs]
+    parts += [f'<rect class="{"lp-scc lp-tied" if tied else "lp-scc"}" x="{x0}" y="{y0}"'
+              f' width="{bw}" height="{bh}" rx="6"/>' for (x0, y0, bw, bh), tied in panel.boxes]
+    parts += [_graph_edge(pos, labels, e, colors, uid) for e in panel.edges]
+    parts += [_graph_node(panel.key, n) for n in panel.nodes]
+    parts.append("</svg>")
+    return (f'<section class="lp-panel" data-k="{panel.key}"><h3>{escape(panel.heading)}</h3>'
+            f'<div class="note">{escape(panel.note)}</div>{"".join(parts)}</section>')
+
+
+def graph_view(
+    panels: Sequence[GraphPanel],
+    colors: dict[str, str],
+    *,
+    title: str,
+    intro: str | None = None,
+    toggle: str | None = None,
+    note: str | None = None,
+) -> View:
+    """A self-contained HTML/SVG page of graph panels (the token-priority graph view).
+
+    ``colors``: edge status -> colour (also the legend and the arrow heads). ``intro``: a
+    line of text above the panels; ``toggle``: the label of a checkbox that shows or hides
+    the ``"model"`` edges; ``note``: a line below. Inline SVG, CSS and a few lines of JS;
+    no network; every string escaped.
+    """
+    uid = uuid.uuid4().hex[:8]
+    markers = "".join(
+        f'<marker id="lp-arrow-{name}-{uid}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7"'
+        f' markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z"'
+        f' fill="{color}"/></marker>'
+        for name, color in colors.items()
+    )
+    drawn = "".join(_graph_panel(p, colors, uid, f"<defs>{markers}</defs>" if i == 0 else "")
+                    for i, p in enumerate(panels))
+    legend = "".join(
+        f'<span><svg width="26" height="10"><line x1="0" y1="5" x2="26" y2="5"'
+        f' stroke="{c}" stroke-width="2"/></svg> {escape(n)}</span>'
+        for n, c in colors.items()
+    )
+    box = (f' <label><input type="checkbox" id="lp-toggle-model" checked> {escape(toggle)}</label>'
+           if toggle else "")
+    head = f"<p>{escape(intro or '')}{box}</p>" if intro or toggle else ""
+    body = (
+        f'<style>{_GRAPH_CSS}</style><div class="lp-tpg"><h2>{escape(title)}</h2>{head}'
+        f'<p class="lp-legend">{legend}</p>{drawn}'
+        + (f'<p class="note">{escape(note)}</p>' if note else "")
+        + f"</div><script>{_GRAPH_JS}</script>"
+    )
+    return View(body, title=title)

@@ -240,8 +240,8 @@ def paper_figures(out: Path) -> dict[str, str]:
     captions["oversquash"] = f"`lp.sensitivity(model, tokens).plot()` for {about}."
     save("smoothing", lp.ov_spectrum(lm, progress=False).plot())
     captions["smoothing"] = f"`lp.ov_spectrum(model).plot()` for {about}."
-    save("coupling", lp.coupling(lm, tokens[:, :32], progress=False).plot())
-    captions["coupling"] = f"`lp.coupling(model, tokens).plot()` for {about}."
+    save("coupling", lp.block_coupling(lm, tokens[:, :32], progress=False).plot())
+    captions["coupling"] = f"`lp.block_coupling(model, tokens).plot()` for {about}."
 
     ret = lp.zoo.load("retrieval")
     task = RetrievalTask(**lp.zoo.info("retrieval")["task"])

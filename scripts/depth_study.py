@@ -1,7 +1,7 @@
 """Re-run the shipped depth study: lensprobe/zoo/results/depth_study.json.
 
 ``lp.depth_study`` over layers 1-4 and chains of 1-8 hops (one task with D uniform in
-1..8, 10 statements, compact statements "A B" for A := B), seeds 0 and 1, the implicit
+1..8, 10 statements "A = B" without separators), seeds 0 and 1, the implicit
 curriculum at batch 128, lr 3e-3 (100 warm-up steps), at most ``--steps`` steps per run
 (a run stops early once every difficulty reaches 98% on its held-out batch). Query
 accuracy per D on 2048 fresh sequences per seed, beside the literal-guess chance level.
@@ -25,8 +25,10 @@ import torch
 import lensprobe as lp
 from lensprobe.tasks.retrieval import RetrievalTask
 
+# "A = B": with rotary positions the compact "A B" statements left every model at the
+# literal-guess level (scripts/logdepth_experiments.py, configs A4/B4)
 TASK = dict(hops=list(range(1, 9)), n_statements=10, n_vars=14, n_values=10,
-            assign=None, separator=None)
+            assign="=", separator=None)
 MODEL = dict(n_heads=4, d_model=64, attn_only=True, positional="rotary")
 TRAIN = dict(lr=3e-3, warmup=100, batch_size=128, weight_decay=0.01, eval_every=100,
              eval_batch_size=256)
@@ -68,7 +70,7 @@ def solved(step, model, rec) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--layers", default="1,2,3,4")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--out", default=str(OUT))

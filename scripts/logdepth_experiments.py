@@ -24,7 +24,9 @@ cores with other jobs (one thread each); every record carries its steps and seco
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -34,9 +36,12 @@ import lensprobe as lp
 from lensprobe.tasks.retrieval import RetrievalTask
 
 # Compact statements "A B" (A := B; no '=' and no separator): shorter sequences, so
-# more steps per CPU second. Binding the right-hand side to its variable is a read of
-# the previous token either way.
+# more steps per CPU second. Measured: with rotary (relative) positions nothing marks
+# which token of a pair is the left-hand side, and A4/B4 stayed at the literal-guess
+# level for 11.7k/7k steps (A1-B4); the shipped 4-layer recipe's "A = B" statements
+# (ASSIGN) mark it, and the A5/B5 runs use them.
 COMPACT = dict(assign=None, separator=None)
+ASSIGN = dict(assign="=", separator=None)
 
 CONFIGS: dict[str, dict] = {
     # 2 layers on 1-4 hops: the bound itself (log_3(2*4) = 1.89)
@@ -70,6 +75,18 @@ CONFIGS: dict[str, dict] = {
     "B4": dict(task=dict(hops=list(range(1, 9)), n_statements=10, n_vars=14, n_values=10, **COMPACT),
                model=dict(n_layers=3, n_heads=4, d_model=64),
                train=dict(lr=3e-3, warmup=100), steps=25000, seconds=3000, emergence=True),
+    "A5": dict(task=dict(hops=[1, 2, 3, 4], n_statements=6, n_vars=12, n_values=10, **ASSIGN),
+               model=dict(n_layers=2, n_heads=4, d_model=64),
+               train=dict(lr=3e-3, warmup=100), steps=15000, seconds=1800, emergence=True),
+    "B5": dict(task=dict(hops=list(range(1, 9)), n_statements=10, n_vars=14, n_values=10, **ASSIGN),
+               model=dict(n_layers=3, n_heads=4, d_model=64),
+               train=dict(lr=3e-3, warmup=100), steps=25000, seconds=3000, emergence=True),
+    # GPT-2 style: learned absolute positions and MLPs. With rotary positions and no
+    # MLP a position's value carries no position, so a layer can follow a chain only by
+    # token identity; A5 (rotary) sat at 0.61 on 1 hop after 10k steps
+    "A6": dict(task=dict(hops=[1, 2, 3, 4], n_statements=6, n_vars=12, n_values=10, **ASSIGN),
+               model=dict(n_layers=2, n_heads=4, d_model=64, positional="standard", attn_only=False),
+               train=dict(lr=1e-3, warmup=300), steps=15000, seconds=1800, emergence=True),
 }
 BASE_MODEL = dict(attn_only=True, positional="rotary")
 BASE_TRAIN = dict(batch_size=128, weight_decay=0.01, eval_every=100, eval_batch_size=512)
@@ -78,7 +95,7 @@ BASE_TRAIN = dict(batch_size=128, weight_decay=0.01, eval_every=100, eval_batch_
 def run(name: str, cfg: dict, seed: int = 0, save: str | None = None) -> dict:
     task = RetrievalTask(**cfg["task"])
     model = lp.tiny_model(d_vocab=len(task.vocab), n_ctx=task.seq_len, vocab=task.vocab,
-                          seed=seed, **BASE_MODEL, **cfg["model"])
+                          seed=seed, **dict(BASE_MODEL, **cfg["model"]))
     cap = float(cfg["seconds"])
     log = []
 
@@ -101,7 +118,8 @@ def run(name: str, cfg: dict, seed: int = 0, save: str | None = None) -> dict:
                seconds=round(res.seconds, 1), query_accuracy=qa,
                literal_guess=task.literal_guess(fresh),
                accuracy_per_difficulty=lp.evaluate(model, fresh).accuracy,
-               stack=[dict(s) for s in st.stack], increasing=st.increasing,
+               stack=[_entry(s) for s in st.stack], increasing=st.increasing,
+               clean_accuracy=st.clean_accuracy, ablation=st.ablation,
                history=[{k: round(v, 4) for k, v in r.items()
                          if k == "step" or k.startswith(("acc_", "loss_"))} for r in res.history])
     if ckpts and len(res.checkpoints) >= 2:
@@ -115,6 +133,44 @@ def run(name: str, cfg: dict, seed: int = 0, save: str | None = None) -> dict:
     return out
 
 
+def _entry(s) -> dict:
+    """A stack entry as a plain dict (entries are dataclasses or dicts)."""
+    d = dataclasses.asdict(s) if dataclasses.is_dataclass(s) else dict(s)
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def ship(config: str, name: str, seeds: list[int], workdir: str) -> dict:
+    """Train ``config`` once per seed (emergence checkpoints kept), copy seed ``seeds[0]``'s
+    model to ``lensprobe/zoo/<name>.safetensors`` and write its card ``<name>.json``: the
+    configuration, accuracy per hop count, stack, ablations and the emergence of every seed."""
+    zoo = Path(lp.__file__).parent / "zoo"
+    runs = []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        rec = run(config, CONFIGS[config], seed=seed, save=workdir)
+        rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        runs.append(rec)
+        print(json.dumps({k: rec[k] for k in ("seed", "steps", "seconds", "query_accuracy")}), flush=True)
+    shutil.copy(Path(workdir) / f"{config}_s{seeds[0]}.safetensors", zoo / f"{name}.safetensors")
+    cfg = CONFIGS[config]
+    card = dict(
+        name=name, script="scripts/logdepth_experiments.py", config_name=config,
+        paper="Musat, Mechanism and Emergence of Stacked Attention Heads in Multi-Layer Transformers (ICLR 2025)",
+        seed=seeds[0], task=runs[0]["task"], seq_len=runs[0]["seq_len"],
+        model=dict(BASE_MODEL, **cfg["model"]), train=dict(BASE_TRAIN, **cfg["train"], steps_max=cfg["steps"],
+                                                           stop_at_accuracy=0.98),
+        backend=f"{lp.BACKEND} (transformer-lens {lp.TL_VERSION})", threads=torch.get_num_threads(),
+        eval="query accuracy per main-chain length D on a fresh batch of 2048 (generator seed 123456);"
+             " stack and ablations on 256 sequences (seed 99)",
+        search="lensprobe/zoo/results/logdepth_search.json",
+        runs=[{k: r[k] for k in ("seed", "steps", "seconds", "query_accuracy", "literal_guess", "stack",
+                                 "increasing", "clean_accuracy", "ablation", "emergence") if k in r}
+              for r in runs],
+    )
+    (zoo / f"{name}.json").write_text(json.dumps(card, indent=1) + "\n")
+    return card
+
+
 def summarize(runs_path: str, out: str, notes: list[dict]) -> None:
     """The record of every configuration tried (lensprobe/zoo/results/logdepth_search.json):
     per run its configuration, steps, seconds, query accuracy and literal-guess chance per
@@ -122,7 +178,7 @@ def summarize(runs_path: str, out: str, notes: list[dict]) -> None:
     runs = [json.loads(line) for line in Path(runs_path).read_text().splitlines() if line.strip()]
     keep = ("name", "seed", "task", "seq_len", "model", "train", "step_cap", "seconds_cap", "steps",
             "seconds", "wall_seconds", "query_accuracy", "literal_guess", "stack", "increasing",
-            "emergence")
+            "emergence", "clean_accuracy", "ablation")
     rnd = lambda d: {k: round(v, 4) for k, v in d.items()}  # noqa: E731
     rows = []
     for r in runs:
@@ -146,11 +202,17 @@ def main() -> None:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="override every step cap (smoke tests)")
+    ap.add_argument("--ship", default=None, metavar="NAME",
+                    help="train --run's single config for every --seeds and ship seed 0 as lp.zoo NAME")
+    ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()
     if args.list:
         print(json.dumps(CONFIGS, indent=1))
         return
     torch.set_num_threads(args.threads)
+    if args.ship:
+        ship(args.run, args.ship, [int(v) for v in args.seeds.split(",")], args.save or "logs/ship")
+        return
     for name in [n for n in args.run.split(",") if n]:
         t0 = time.perf_counter()
         cfg = dict(CONFIGS[name], **({"steps": args.steps} if args.steps else {}))

@@ -53,7 +53,7 @@ cells = [
         "spec.to_dataframe().head()"
     ),
     nbf.v4.new_code_cell(
-        "coup = lp.coupling(model, tokens, progress=False)       # 3. block coupling\n"
+        "coup = lp.block_coupling(model, tokens, progress=False) # 3. block coupling\n"
         "print('mean off-diagonal coupling', coup.scalar())"
     ),
     nbf.v4.new_code_cell(

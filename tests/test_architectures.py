@@ -103,7 +103,7 @@ EXTRACTORS = {
     "dominance": lambda m: lp.dominance(m, MATRIX_TOKENS, progress=False),
     "smoothing_profile": lambda m: lp.smoothing_profile(m, MATRIX_TOKENS),
     "block_jacobians": lambda m: lp.block_jacobians(m, MATRIX_TOKENS),
-    "coupling": lambda m: lp.coupling(m, MATRIX_TOKENS, k=2),
+    "coupling": lambda m: lp.block_coupling(m, MATRIX_TOKENS, top_k=2),
     "trajectory_metrics": lambda m: lp.trajectory_metrics(m, MATRIX_TOKENS),
 }
 

@@ -11,16 +11,15 @@ Oracles written plainly here, independent of lensprobe.core / lensprobe.coupling
 from __future__ import annotations
 
 import copy
-import importlib
 import math
-import warnings
+import types
 
 import numpy as np
 import pytest
 import torch
 
 import lensprobe as lp
-lpc = importlib.import_module("lensprobe.coupling")  # the module (lp.coupling is the function)
+import lensprobe.coupling as lpc
 from lensprobe.errors import InputError, LensprobeError
 
 N_POS = 6
@@ -262,16 +261,16 @@ def test_block_jacobians_input_errors(tiny):
 def test_metric_zero_on_itself_and_near_one_for_independent_gaussians():
     g = torch.Generator().manual_seed(0)
     J = torch.randn(64, 64, generator=g, dtype=torch.float64)
-    assert float(lp.coupling_metric(J, J, k=10)) < 1e-12
+    assert float(lp.coupling_metric(J, J, top_k=10)) < 1e-12
     for v in ("frob", "trace"):
-        assert float(lp.coupling_metric(J, J, k=[5, 16], variant=v).max()) < 1e-12
+        assert float(lp.coupling_metric(J, J, top_k=[5, 16], variant=v).max()) < 1e-12
     # swapping U and V of a non-symmetric matrix does not give m = 0
-    assert float(lp.coupling_metric(J, J, k=10, variant="swap")) > 0.5
+    assert float(lp.coupling_metric(J, J, top_k=10, variant="swap")) > 0.5
     ms = []
-    for s in range(3):
+    for _ in range(3):
         A = torch.randn(128, 128, generator=g, dtype=torch.float64)
         B = torch.randn(128, 128, generator=g, dtype=torch.float64)
-        ms.append(float(lp.coupling_metric(A, B, k=10)))
+        ms.append(float(lp.coupling_metric(A, B, top_k=10)))
     assert 0.9 < np.mean(ms) < 1.1, ms
     # coupling 1 - m^2 of unrelated matrices is near zero, of a matrix with itself one
     assert abs(1 - np.mean(ms) ** 2) < 0.2
@@ -281,7 +280,7 @@ def test_swap_variant_zero_for_symmetric_psd():
     g = torch.Generator().manual_seed(1)
     A = torch.randn(20, 20, generator=g, dtype=torch.float64)
     S = A @ A.T  # symmetric PSD: U = V, so swapping them changes nothing
-    assert float(lp.coupling_metric(S, S, k=5, variant="swap")) < 1e-10
+    assert float(lp.coupling_metric(S, S, top_k=5, variant="swap")) < 1e-10
 
 
 def test_metric_invariant_to_paired_and_one_sided_sign_flips():
@@ -297,11 +296,11 @@ def test_metric_invariant_to_paired_and_one_sided_sign_flips():
     # one-sided flips give a different matrix with the same singular subspaces up to sign
     J2_one = (U * flip) @ torch.diag(S) @ Vh
     assert not torch.allclose(J2_one, J2)
-    base = lp.coupling_metric(J1, J2, k=[4, 8])
-    assert torch.allclose(lp.coupling_metric(J1, J2_one, k=[4, 8]), base, atol=1e-12)
+    base = lp.coupling_metric(J1, J2, top_k=[4, 8])
+    assert torch.allclose(lp.coupling_metric(J1, J2_one, top_k=[4, 8]), base, atol=1e-12)
     for v in ("frob", "trace", "swap"):
         for K in (4, 8):
-            assert abs(float(lp.coupling_metric(J1, J2, k=K, variant=v))
+            assert abs(float(lp.coupling_metric(J1, J2, top_k=K, variant=v))
                        - dense_m(J1, J2, K, v)) < 1e-10
     # and the numpy oracle itself does not care about the signs the SVD returned
     U2, s2, V2t = np.linalg.svd(J2.numpy())
@@ -315,16 +314,16 @@ def test_metric_invariant_to_paired_and_one_sided_sign_flips():
 def test_metric_errors():
     J = torch.eye(8)
     with pytest.raises(InputError, match="variant"):
-        lp.coupling_metric(J, J, k=2, variant="nope")
+        lp.coupling_metric(J, J, top_k=2, variant="nope")
     with pytest.raises(InputError, match="K must"):
-        lp.coupling_metric(J, J, k=9)
+        lp.coupling_metric(J, J, top_k=9)
 
 
 # ------------------------------------------------------------------ coupling matrices
 def test_depth_coupling_matches_dense_loops(tiny):
     model = tiny(n_layers=3)
     toks = _toks(model)
-    c = lp.coupling(model, toks, positions="all", k=[2, 4], progress=False)
+    c = lp.block_coupling(model, toks, positions="all", top_k=[2, 4], progress=False)
     assert c.mode == "depth" and c.ks == (2, 4)
     assert c.m.shape == (3, 2, 2, N_POS, 3, 3)
     assert c.groups == tuple(range(N_POS)) and c.items == (0, 1, 2)
@@ -358,7 +357,7 @@ def test_depth_coupling_matches_dense_loops(tiny):
 
 def test_depth_default_is_last_token_and_k_clamped(tiny):
     model = tiny(n_layers=2)
-    c = lp.coupling(model, _toks(model, batch=1), progress=False)
+    c = lp.block_coupling(model, _toks(model, batch=1), progress=False)
     assert c.groups == (N_POS - 1,)
     assert c.ks == (4,)  # 10, 30, 50 clamped to d_model // 4 = 4
 
@@ -366,7 +365,7 @@ def test_depth_default_is_last_token_and_k_clamped(tiny):
 def test_token_and_context_coupling_match_dense_loops(tiny):
     model = tiny()
     toks = _toks(model, batch=1)
-    tok = lp.coupling(model, toks, mode="token", k=3, positions=[1, 3, 5], progress=False)
+    tok = lp.block_coupling(model, toks, mode="token", top_k=3, positions=[1, 3, 5], progress=False)
     assert tok.group_axis == "layer" and tok.items == (1, 3, 5) and tok.m.shape == (3, 1, 1, 2, 3, 3)
     for l in range(2):
         ref = reference_rows(model, toks, l, [(0, t) for t in (1, 3, 5)])
@@ -374,14 +373,14 @@ def test_token_and_context_coupling_match_dense_loops(tiny):
         for a, ta in enumerate((1, 3, 5)):
             for bb, tb in enumerate((1, 3, 5)):
                 assert abs(float(tok.m[0, 0, 0, l, a, bb]) - dense_m(Js[ta], Js[tb], 3)) < 1e-7
-    ctx = lp.coupling(model, toks, mode="context", k=3, progress=False)  # fixed output: last
+    ctx = lp.block_coupling(model, toks, mode="context", top_k=3, progress=False)  # fixed output: last
     assert ctx.jacobians.kind == "fixed_output" and ctx.items == tuple(range(N_POS))
     Js = reference_rows(model, toks, 1, [(0, N_POS - 1)])[0, N_POS - 1]
     for a in range(N_POS):
         for bb in range(N_POS):
             want = dense_m(Js[a], Js[bb], 3, "swap")
             assert abs(float(ctx.m[2, 0, 0, 1, a, bb]) - want) < 1e-7
-    ctx_in = lp.coupling(model, toks, mode="context", input_token=2, k=3, progress=False)
+    ctx_in = lp.block_coupling(model, toks, mode="context", input_token=2, top_k=3, progress=False)
     assert ctx_in.jacobians.kind == "fixed_input" and ctx_in.items == (2, 3, 4, 5)
     ref = reference_rows(model, toks, 0, [(0, 2), (0, 5)])
     Js = {t2: ref[0, t2][2] for t2 in (2, 5)}
@@ -392,21 +391,21 @@ def test_coupling_from_precomputed_jacobians_and_errors(tiny):
     model = tiny()
     toks = _toks(model)
     jac = lp.block_jacobians(model, toks, positions=[2, 5], progress=False)
-    a = lp.coupling(jac, k=2)
-    b = lp.coupling(model, toks, positions=[2, 5], k=2, progress=False)
+    a = lp.block_coupling(jac, top_k=2)
+    b = lp.block_coupling(model, toks, positions=[2, 5], top_k=2, progress=False)
     assert torch.allclose(a.m, b.m)
     with pytest.raises(InputError, match="cross-token"):
-        lp.coupling(jac, mode="context")
+        lp.block_coupling(jac, mode="context")
     with pytest.raises(InputError, match="needs tokens"):
-        lp.coupling(model)
+        lp.block_coupling(model)
     with pytest.raises(InputError, match="mode"):
-        lp.coupling(jac, mode="width")
+        lp.block_coupling(jac, mode="width")
     with pytest.raises(InputError, match="K must"):
-        lp.coupling(jac, k=17)
+        lp.block_coupling(jac, top_k=17)
     with pytest.raises(InputError, match="not computed"):
-        a.matrix(k=3)
+        a.matrix(top_k=3)
     with pytest.raises(InputError, match="at least two"):
-        lp.coupling(lp.block_jacobians(model, toks, layers=[0], progress=False), k=2).scalar()
+        lp.block_coupling(lp.block_jacobians(model, toks, layers=[0], progress=False), top_k=2).scalar()
 
 
 def test_outputs_dataframe_plot_show(tiny, tmp_path):
@@ -417,10 +416,10 @@ def test_outputs_dataframe_plot_show(tiny, tmp_path):
 
     model = tiny(vocab=[f"<w{i}>" for i in range(12)])
     toks = _toks(model)
-    c = lp.coupling(model, toks, positions=[3, 5], k=[2, 3], progress=False)
+    c = lp.block_coupling(model, toks, positions=[3, 5], top_k=[2, 3], progress=False)
     df = c.to_dataframe()
     assert len(df) == 3 * 2 * 2 * 2 * 2 * 2
-    row = df[(df.variant == "trace") & (df.k == 3) & (df.prompt == 1) & (df.position == 5)
+    row = df[(df.variant == "trace") & (df.k == 3) & (df.prompt == 1) & (df.pos == 5)
              & (df.layer_i == 1) & (df.layer_j == 0)]
     assert abs(float(row.m.iloc[0]) - float(c.m[1, 1, 1, 1, 1, 0])) < 1e-12
     assert abs(float(row.coupling.iloc[0]) - (1 - float(c.m[1, 1, 1, 1, 1, 0]) ** 2)) < 1e-12
@@ -433,7 +432,7 @@ def test_outputs_dataframe_plot_show(tiny, tmp_path):
     back = type(jac).load(jac.save(tmp_path / "jac.safetensors"))
     assert torch.equal(back.jacobians, jac.jacobians) and back.str_tokens == jac.str_tokens
     assert (back.kind, back.layers, back.positions, back.token) == (jac.kind, jac.layers, jac.positions, jac.token)
-    assert torch.equal(lp.coupling(back, k=[2, 3]).m, c.m)
+    assert torch.equal(lp.block_coupling(back, top_k=[2, 3]).m, c.m)
     with pytest.raises(InputError, match="not written"):
         type(jac).load(lp.save_checkpoint(model, tmp_path / "model.safetensors"))
     jdf = jac.to_dataframe()
@@ -459,7 +458,7 @@ def test_trajectory_metrics_match_numpy_loops(tiny):
         got = {}
         with torch.no_grad():
             model.run_with_hooks(toks, fwd_hooks=[(f"blocks.{l}.hook_resid_post",
-                                                   lambda a, hook: got.setdefault("y", a.clone()))])
+                                                   lambda a, hook, got=got: got.setdefault("y", a.clone()))])
         xs.append(got["y"])
     X = torch.stack(xs, 1).numpy()  # [b, L+1, pos, d]
     assert np.allclose(tm.residuals.numpy(), X)
@@ -507,9 +506,9 @@ def test_through_training_from_models_paths_and_callback(tiny, tmp_path, fingerp
     models = [tiny(seed=s) for s in range(3)]
     toks = _toks(models[0], batch=2)
     path = lp.save_checkpoint(models[2], tmp_path / "s2.safetensors")
-    direct = [lp.coupling(m, toks, k=[2, 4], progress=False) for m in models]
-    a = lp.coupling_through_training(models, toks, steps=[0, 10, 20], k=[2, 4], progress=False)
-    c = lp.coupling_through_training({20: path, 0: models[0]}, toks, k=[2, 4], progress=False)
+    direct = [lp.block_coupling(m, toks, top_k=[2, 4], progress=False) for m in models]
+    a = lp.coupling_through_training(models, toks, steps=[0, 10, 20], top_k=[2, 4], progress=False)
+    c = lp.coupling_through_training({20: path, 0: models[0]}, toks, top_k=[2, 4], progress=False)
     assert a.steps == (0, 10, 20) and c.steps == (0, 20)
     for s in range(3):
         for q, K in enumerate((2, 4)):
@@ -529,13 +528,13 @@ def test_through_training_from_models_paths_and_callback(tiny, tmp_path, fingerp
     model = tiny()
     model.train()
     before = fingerprint(model)
-    tracker = lp.CouplingTracker(toks, k=2, every=2)
+    tracker = lp.CouplingTracker(toks, top_k=2, every=2)
     for step in range(5):
         assert tracker(step, model, {}) is False
     assert fingerprint(model) == before
     res = tracker.result()
     assert res.steps == (0, 2, 4)
-    assert abs(float(res.scalar[0, 0]) - lp.coupling(model, toks, k=2, progress=False).scalar()) < 1e-12
+    assert abs(float(res.scalar[0, 0]) - lp.block_coupling(model, toks, top_k=2, progress=False).scalar()) < 1e-12
 
 
 def test_tracker_inside_lp_train(tiny):
@@ -554,7 +553,7 @@ def test_tracker_inside_lp_train(tiny):
 
     model = tiny()
     toks = _toks(model)
-    tracker = lp.CouplingTracker(toks, k=2)
+    tracker = lp.CouplingTracker(toks, top_k=2)
     lp.train(model, Copy(), steps=4, batch_size=8, eval_every=2, eval_batch_size=8,
              callbacks=[tracker], progress=False)
     res = tracker.result()
@@ -577,7 +576,7 @@ def test_model_state_untouched(tiny, fingerprint, call):
     {
         "jac": lambda: lp.block_jacobians(model, toks, progress=False),
         "cross": lambda: lp.block_jacobians(model, toks, input_token=1, progress=False),
-        "coupling": lambda: lp.coupling(model, toks, mode="context", k=2, progress=False),
+        "coupling": lambda: lp.block_coupling(model, toks, mode="context", top_k=2, progress=False),
         "traj": lambda: lp.trajectory_metrics(model, toks),
     }[call]()
     assert fingerprint(model) == before
@@ -609,7 +608,7 @@ def test_model_state_untouched_when_raising_midway(tiny, fingerprint, monkeypatc
 
     monkeypatch.setattr(lpc, "_svd_top", bad_svd)
     with pytest.raises(RuntimeError, match="svd failed"):
-        lp.coupling(model, toks, k=2, progress=False)
+        lp.block_coupling(model, toks, top_k=2, progress=False)
     assert fingerprint(model) == before
 
 
@@ -620,7 +619,65 @@ def test_training_raises_depthwise_coupling_above_initialisation(tiny):
     model = lp.tiny_model(n_layers=3, n_heads=4, d_model=48, d_vocab=len(task.vocab),
                           n_ctx=task.seq_len, seed=0)
     probe = task.sample(8, torch.Generator().manual_seed(123)).tokens
-    before = lp.coupling(model, probe, positions=[-1, -3, -5], k=10, progress=False).scalar()
+    before = lp.block_coupling(model, probe, positions=[-1, -3, -5], top_k=10, progress=False).scalar()
     lp.train(model, task, steps=100, batch_size=32, lr=3e-3, eval_every=100, progress=False)
-    after = lp.coupling(model, probe, positions=[-1, -3, -5], k=10, progress=False).scalar()
+    after = lp.block_coupling(model, probe, positions=[-1, -3, -5], top_k=10, progress=False).scalar()
     assert after > before + 0.02, (before, after)
+
+
+# ------------------------------------------------------------------ names and inputs
+def test_import_gives_the_module_and_block_coupling_the_function():
+    assert isinstance(lp.coupling, types.ModuleType) and lp.coupling is lpc
+    assert lpc.block_coupling is lp.block_coupling and "coupling" not in lp._ORIGIN  # no name shadows a module
+
+
+def test_old_names_warn_and_give_the_same_numbers(tiny):
+    model = tiny()
+    toks = _toks(model)
+    new = lp.block_coupling(model, toks, top_k=[2, 3], progress=False)
+    with pytest.warns(DeprecationWarning, match="block_coupling"):
+        old = lpc.coupling(model, toks, top_k=[2, 3], progress=False)
+    with pytest.warns(DeprecationWarning, match="top_k"):
+        old_k = lp.block_coupling(model, toks, k=[2, 3], progress=False)
+    assert torch.equal(old.m, new.m) and torch.equal(old_k.m, new.m)
+    with pytest.warns(DeprecationWarning, match="top_k"):
+        assert old.scalar(k=3) == new.scalar(top_k=3)
+    with pytest.warns(DeprecationWarning, match="top_k"):
+        assert torch.equal(old.matrix(k=3), new.matrix(top_k=3))
+    J1, J2 = new.jacobians.jacobians[0, 0, 0], new.jacobians.jacobians[0, 1, 0]
+    with pytest.warns(DeprecationWarning, match="top_k"):
+        assert torch.equal(lp.coupling_metric(J1, J2, k=[2, 3]), lp.coupling_metric(J1, J2, top_k=[2, 3]))
+    with pytest.warns(DeprecationWarning, match="top_k"):
+        tr = lp.coupling_through_training([model], toks, k=2, progress=False)
+    with pytest.warns(DeprecationWarning, match="top_k"):
+        tracker = lp.CouplingTracker(toks, k=2)
+    tracker.record(model)
+    want = lp.coupling_through_training([model], toks, top_k=2, progress=False)
+    assert torch.equal(tr.scalar, want.scalar) and torch.equal(tracker.result().scalar, want.scalar)
+
+
+def test_trajectory_metrics_from_a_cache_equal_the_forward_pass(tiny):
+    model = tiny(n_layers=3)
+    toks = _toks(model)
+    _, cache = model.run_with_cache(toks)
+    a = lp.trajectory_metrics(model, toks)
+    b = lp.trajectory_metrics(model, cache=cache)
+    c = lp.trajectory_metrics(model, toks, cache=cache)
+    for f in ("residuals", "lss", "norm_slope", "norm_r2", "step_slope", "step_r2", "step_ratio_cv"):
+        assert torch.allclose(getattr(b, f).cpu(), getattr(a, f).cpu(), rtol=1e-12, atol=1e-12, equal_nan=True), f
+    assert b.tokens is None and torch.equal(c.tokens, a.tokens) and a.hooks == b.hooks
+    assert len(b.to_dataframe()) == 2 * N_POS
+    # hooks in TransformerLens's names_filter convention: the resid_pre of every block
+    pre = [f"blocks.{l}.hook_resid_pre" for l in range(3)]
+    d = lp.trajectory_metrics(model, toks, hooks=lambda n: n.endswith("hook_resid_pre"))
+    e = lp.trajectory_metrics(model, cache=cache, hooks=pre)
+    assert d.hooks == tuple(pre) and torch.allclose(d.lss, e.lss, rtol=1e-12)
+    X = torch.stack([cache[h].detach().double() for h in pre], 1)  # an independent L = 2 path
+    steps = X[:, 1:] - X[:, :-1]
+    lss = 2 / (steps / steps.norm(dim=-1, keepdim=True)).sum(1).norm(dim=-1)
+    assert torch.allclose(d.lss, lss, rtol=1e-10)
+    _, part = model.run_with_cache(toks, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    with pytest.raises(InputError, match="lacks hook points"):
+        lp.trajectory_metrics(model, cache=part)
+    with pytest.raises(InputError, match="tokens"):
+        lp.trajectory_metrics(model)

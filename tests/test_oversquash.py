@@ -101,10 +101,10 @@ def toks():
 def test_exact_sensitivity_matches_per_row_autograd_loop(tiny, toks, positional):
     model = tiny(positional=positional)
     res = sensitivity(model, toks, per_layer=True, progress=False)
-    assert res.targets == ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post",
+    assert res.target_hooks == ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post",
                            final_hook(model))
     assert res.norms.shape == (3, 2, 7)
-    for t, target in enumerate(res.targets):
+    for t, target in enumerate(res.target_hooks):
         ref = _brute_norms(copy.deepcopy(model), toks, target, -1)
         torch.testing.assert_close(res.norms[t], ref, rtol=1e-10, atol=1e-12)
 
@@ -125,7 +125,7 @@ def test_exact_and_spectral_match_finite_differences(tiny, toks):
 
 def test_hook_embed_source_and_resid_post_target(tiny, toks):
     model = tiny()
-    res = sensitivity(model, toks, source="hook_embed", target="blocks.1.hook_resid_post",
+    res = sensitivity(model, toks, source_hook="hook_embed", target_hook="blocks.1.hook_resid_post",
                       progress=False)
     # hook_embed feeds resid_pre additively (resid_pre = embed + pos): same Jacobian
     ref = _brute_norms(copy.deepcopy(model), toks, "blocks.1.hook_resid_post", -1)
@@ -187,7 +187,7 @@ def test_sensitivity_input_errors(tiny, toks):
     with pytest.raises(lp.InputError, match="n_probes"):
         sensitivity(model, toks, method="hutchinson", n_probes=1, progress=False)
     with pytest.raises(lp.InputError, match="no hook point"):
-        sensitivity(model, toks, target="ln_final.hook_normalised", progress=False)
+        sensitivity(model, toks, target_hook="ln_final.hook_normalised", progress=False)
     with pytest.raises(lp.InputError, match="n_ctx"):
         sensitivity(model, torch.zeros(1, 40, dtype=torch.long), progress=False)
 
@@ -221,11 +221,11 @@ def test_bound_for_uniform_causal_attention_is_the_closed_form(tiny, n_layers):
         assert float(res.bound[0, i]) == pytest.approx(expect, rel=1e-12)
     half = path_bound(model, toks, compare=False, normalise=True)
     torch.testing.assert_close(half.bound, res.bound / 2**n_layers)
-    summed = path_bound(model, toks, compare=False, heads="sum")  # 2 heads: A -> 2A
+    summed = path_bound(model, toks, compare=False, reduce_heads="sum")  # 2 heads: A -> 2A
     if n_layers == 1:
         expect = torch.tensor([2 / N] * (N - 1) + [2 / N + 1], dtype=torch.float64)
         torch.testing.assert_close(summed.bound[0], expect)
-    each = path_bound(model, toks, compare=False, heads="each")
+    each = path_bound(model, toks, compare=False, reduce_heads="none")
     assert each.bound.shape == (2, 1, N)
     torch.testing.assert_close(each.bound[0], res.bound)
 
@@ -263,14 +263,99 @@ def test_path_bound_leaves_model_untouched(tiny, toks, fingerprint):
     with pytest.raises(Boom):  # fails inside, after the patterns were read
         path_bound(model, toks, progress=False)
     assert fingerprint(model) == before
-    with pytest.raises(lp.InputError, match="heads"):
-        path_bound(model, toks, heads="max")
+    with pytest.raises(lp.InputError, match="reduce_heads"):
+        path_bound(model, toks, reduce_heads="max")
     with pytest.raises(lp.InputError, match="beta"):
         path_bound(model, toks, beta=0)
 
 
+def _assert_same_bound(a, b):
+    for f in ("bound", "measured", "spearman", "ratio"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert (x is None) == (y is None), f
+        if x is not None:
+            assert torch.equal(x.isnan(), y.isnan()) and torch.equal(x.nan_to_num(), y.nan_to_num()), f
+
+
+def test_path_bound_from_a_cache_gives_the_numbers_of_tokens(tiny, toks):
+    model = tiny(n_layers=3)
+    _, cache = model.run_with_cache(toks)
+    for kw in ({}, {"reduce_heads": "sum", "normalise": True}, {"reduce_heads": "none", "compare": False}):
+        ref = path_bound(model, toks, position=5, progress=False, **kw)
+        got = path_bound(model, toks, cache=cache, position=5, progress=False, **kw)
+        _assert_same_bound(ref, got)
+        assert got.str_tokens == ref.str_tokens and torch.equal(got.tokens, ref.tokens)
+    # the cache alone: no forward pass is needed for the bound
+    alone = path_bound(model, cache=cache, position=5, compare=False)
+    assert torch.equal(alone.bound, path_bound(model, toks, position=5, compare=False).bound)
+    assert alone.tokens is None and len(alone.to_dataframe()) == 14
+    assert "ColoredTokens" in alone.show().to_html()
+    only = {k: v for k, v in cache.items() if "hook_pattern" in k}
+    assert torch.equal(path_bound(model, cache=only, position=5, compare=False).bound, alone.bound)
+
+
+def test_path_bound_cache_errors(tiny, toks):
+    model = tiny()
+    _, cache = model.run_with_cache(toks, names_filter=lambda n: n.endswith("hook_resid_post"))
+    with pytest.raises(lp.InputError, match="lacks hook points"):
+        path_bound(model, toks, cache=cache, progress=False)
+    _, cache = model.run_with_cache(toks)
+    with pytest.raises(lp.InputError, match="sensitivity, which needs tokens"):
+        path_bound(model, cache=cache)
+    with pytest.raises(lp.InputError, match="tokens the cache was computed on"):
+        path_bound(model, toks[:1], cache=cache, compare=False)
+    with pytest.raises(lp.InputError, match="tokens"):
+        path_bound(model, compare=False)
+
+
+def test_old_names_warn_and_give_the_same_numbers(tiny, toks):
+    model = tiny()
+    new = sensitivity(model, toks, source_hook="hook_embed", target_hook="blocks.1.hook_resid_post",
+                      progress=False)
+    with pytest.warns(DeprecationWarning, match="target_hook"):
+        old = sensitivity(model, toks, source_hook="hook_embed", target="blocks.1.hook_resid_post",
+                          progress=False)
+    assert torch.equal(old.norms, new.norms)
+    with pytest.warns(DeprecationWarning, match="source_hook"):
+        old = sensitivity(model, toks, source="hook_embed", target_hook="blocks.1.hook_resid_post",
+                          progress=False)
+    assert torch.equal(old.norms, new.norms) and old.source_hook == "hook_embed"
+    for old_kw, new_kw in [({"heads": "sum"}, {"reduce_heads": "sum"}),
+                           ({"heads": "each"}, {"reduce_heads": "none"}),
+                           ({"reduce_heads": "each"}, {"reduce_heads": "none"})]:
+        ref = path_bound(model, toks, compare=False, **new_kw)
+        with pytest.warns(DeprecationWarning, match="reduce_heads"):
+            got = path_bound(model, toks, compare=False, **old_kw)
+        assert torch.equal(got.bound, ref.bound) and got.reduce_heads == ref.reduce_heads
+    with pytest.raises(lp.InputError, match="reduce_heads= only"):
+        path_bound(model, toks, heads="sum", reduce_heads="mean")
+
+
 # --------------------------------------------------------------------------- collapse
 LONG = [8, 32, 128, 512, 1024]
+
+
+def test_pair_spec_and_dtype_names_give_the_same_curve(tiny):
+    model = tiny(positional="rotary", n_ctx=40)
+    kw = dict(bos=3, separator=4, every=3, one=5)
+    ref = collapse_curve(model, "ones", [2, 5, 9], precisions=("bfloat16",), progress=False, **kw)
+    spec = lp.CollapsePair("ones", **kw)
+    for got in (collapse_curve(model, spec, [2, 5, 9], precisions=(torch.bfloat16,), progress=False),
+                collapse_curve(model, lp.CollapsePair("ones"), [2, 5, 9], precisions=("bfloat16",),
+                               reference_dtype="float64", progress=False, **kw)):
+        assert got.pair == "ones" and got.reference_dtype == "float64" and list(got.low) == ["bfloat16"]
+        for h in ref.hooks:
+            assert torch.equal(got.distances[h], ref.distances[h])
+            assert torch.equal(got.low["bfloat16"].identical[h], ref.low["bfloat16"].identical[h])
+    seqs = lp.oversquash.pair_sequences("ones", 5, **kw)
+    assert seqs == ([3, 5, 5, 5, 4, 5, 5], [3, 5, 5, 5, 4, 5, 5, 5])
+    assert ref.seq_lengths[1].tolist() == [7, 8]
+    with pytest.raises(lp.InputError, match="unknown keywords"):
+        collapse_curve(model, "ones", [2], progress=False, bso=3)
+    with pytest.raises(lp.InputError, match="callable pair takes none"):
+        collapse_curve(model, lambda n: ([1] * n, [1] * (n + 1)), [2], progress=False, bos=3)
+    with pytest.raises(lp.InputError, match="reference_dtype"):
+        collapse_curve(model, "ones", [2], reference_dtype="float8", progress=False)
 
 
 def test_repeated_final_token_decays_like_one_over_n(tiny):

@@ -88,6 +88,13 @@ def test_tpg_edges_hand_derived():
     assert not tpg.is_acyclic
     df = tpg.to_dataframe()
     assert len(df) == 7 and df["same_scc"].sum() == 2
+    # per last token, by hand: k=3 has nodes 0..3, 5 edges, SCCs {1,2},{0},{3} on 2 levels;
+    # k=4 has nodes 0, 2, 4, edges 0->2, 0->4, three singleton SCCs on 2 levels
+    table = tpg.last_token_table()
+    assert table.to_dict("list") == dict(k=[3, 4], k_str=["3", "4"], nodes=[4, 3], edges=[5, 2],
+                                         sccs=[3, 3], largest_scc=[2, 1], levels=[2, 2])
+    assert tpg.summary() == dict(samples=3, last_tokens=2, edges=7, sccs=6, largest_scc=2,
+                                 acyclic=False, excluded=0)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -228,9 +235,11 @@ def _dense_svm(tpg, E):
         from scipy.linalg import orth
 
         eq = list(orth(np.array(eq).T).T)
-    cons = [{"type": "ineq", "fun": lambda w, A=np.array(ineq): A @ w - 1, "jac": lambda w, A=np.array(ineq): A}]
+    A_in = np.array(ineq)
+    cons = [{"type": "ineq", "fun": lambda w: A_in @ w - 1, "jac": lambda w: A_in}]
     if eq:
-        cons.append({"type": "eq", "fun": lambda w, A=np.array(eq): A @ w, "jac": lambda w, A=np.array(eq): A})
+        A_eq = np.array(eq)
+        cons.append({"type": "eq", "fun": lambda w: A_eq @ w, "jac": lambda w: A_eq})
     res = minimize(lambda w: 0.5 * w @ w, np.zeros(d * d), jac=lambda w: w, constraints=cons,
                    method="SLSQP", options=dict(ftol=1e-14, maxiter=1000))
     assert res.success, res.message
@@ -521,7 +530,7 @@ def test_results_render(cyclic_run):
     assert "&lt;/script&gt;" in html and html.count("</script>") == html.count("<script>")
     assert "&lt;b&gt;" in html and "t&amp;1" in html and "&quot;q&quot;" in html
     assert "<b>" not in html
-    assert len(al.svm.to_dataframe(tpg)) == al.svm.n_cross + al.svm.n_within
+    assert len(al.svm.to_dataframe()) == al.svm.n_cross + al.svm.n_within
 
 
 def test_alignment_on_mixed_lengths_and_plain_graph_view(cyclic_run):
@@ -539,3 +548,97 @@ def test_alignment_on_mixed_lengths_and_plain_graph_view(cyclic_run):
     html = tpg.show(svm=al.svm).to_html()
     assert html.count('class="lp-node"') == sum(g.number_of_nodes() for g in tpg.graphs.values())
     assert 'data-kind="model"' not in html and "w=" in html
+
+
+# --------------------------------------------------------------------------- renamed keywords
+def test_graph_svm_dataframe_needs_no_graph(cyclic_run):
+    X, y, model, _ = cyclic_run
+    tpg = lp.TokenPriorityGraph.from_data(X, y)
+    svm = lp.graph_svm(tpg, model)
+    df = svm.to_dataframe()
+    E = model.W_E.detach().double()
+    want = {(k, a, b, kind): float((E[a] - E[b]) @ svm.W_svm @ E[k])
+            for k in tpg.last_tokens
+            for kind, pairs in (("margin", tpg.cross_pairs(k)), ("equal", tpg.within_pairs(k)))
+            for a, b in pairs}
+    got = {(r.k, r.src, r.dst, r.kind): r.svm_value for r in df.itertuples()}
+    assert got.keys() == want.keys()
+    assert all(abs(got[key] - want[key]) < 1e-12 for key in want)
+    with pytest.warns(DeprecationWarning, match="no argument"):
+        old = svm.to_dataframe(tpg)
+    assert old.equals(df)
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("graph", {}), ("sccs", {}), ("levels", {}), ("scc_index", {}), ("outranks", dict(a=1, b=0)),
+    ("within_pairs", {}), ("cross_pairs", {}),
+])
+def test_old_k_keyword_of_graph_methods(method, kw):
+    X = [[0, 1, 2, 3], [1, 2, 2, 3], [2, 0, 4]]
+    tpg = lp.TokenPriorityGraph.from_data(X, [1, 2, 0])
+    fn = getattr(tpg, method)
+    new = fn(last_token=3, **kw)
+    with pytest.warns(DeprecationWarning, match="last_token"):
+        old = fn(k=3, **kw)
+    assert old == new and fn(3, *kw.values()) == new
+    with pytest.raises(lp.InputError, match="last_token= only"):
+        fn(k=3, last_token=3, **kw)
+
+
+def test_old_k_keyword_of_fin_scores_and_task_rank():
+    X, y = priority_dataset(PriorityTask.random(6, 4, tie_size=3, seed=0), 6, require_cycle=True)
+    svm = lp.graph_svm(lp.TokenPriorityGraph.from_data(X, y), unit_embeddings(6, 8, 0))
+    with pytest.warns(DeprecationWarning, match="last_token"):
+        old = svm.fin_scores(k=int(X[0, -1]), tokens=[0, 1, 2])
+    assert torch.equal(old, svm.fin_scores(int(X[0, -1]), [0, 1, 2]))
+    task = PriorityTask.random(5, 3, seed=1)
+    with pytest.warns(DeprecationWarning, match="last_token"):
+        assert task.rank(k=2) == task.rank(2)
+
+
+def test_old_sequences_keyword(cyclic_run):
+    X, y, model, _ = cyclic_run
+    tpg = lp.TokenPriorityGraph.from_data(X, y)
+    new = lp.priority_alignment(model, tpg, tokens=X[:3], labels=y[:3])
+    with pytest.warns(DeprecationWarning, match="tokens="):
+        old = lp.priority_alignment(model, tpg, sequences=X[:3], labels=y[:3])
+    assert old.summary() == new.summary() and old.edges == new.edges
+    with pytest.warns(DeprecationWarning, match="tokens="):
+        curve = lp.alignment_curve([model], tpg, sequences=X[:3], labels=y[:3], progress=False)
+    assert float(curve["label_mass"][0]) == new.summary()["label_mass"]
+    m1, m2 = lp.priority_model(6, 8, seed=1), lp.priority_model(6, 8, seed=1)
+    r1 = lp.train_priority(m1, X, y, steps=5, lr=0.5, progress=False)
+    with pytest.warns(DeprecationWarning, match="tokens="):
+        r2 = lp.train_priority(m2, sequences=X, labels=y, steps=5, lr=0.5, progress=False)
+    assert torch.equal(lp.head_W(m1), lp.head_W(m2))
+    assert r1.final["eval_loss"] == r2.final["eval_loss"]
+
+
+def test_alignment_curve_takes_every_checkpoint_form(acyclic_run):
+    """A TrainResult, a {step: model} mapping and a list with steps give the same curve."""
+    X, y, model, res = acyclic_run
+    tpg = lp.TokenPriorityGraph.from_data(X, y)
+    ref = lp.alignment_curve(res, tpg, progress=False)
+    steps = sorted(res.checkpoints)
+    models = [res.model_at(s) for s in steps]
+    by_dict = lp.alignment_curve(dict(zip(reversed(steps), reversed(models))), tpg, progress=False)
+    by_list = lp.alignment_curve(models, tpg, steps=steps, progress=False)
+    for curve in (by_dict, by_list):
+        assert curve.steps.tolist() == steps
+        for k, v in ref.values.items():
+            assert torch.equal(v.isnan(), curve[k].isnan())
+            assert torch.equal(v.nan_to_num(), curve[k].nan_to_num()), k
+    with pytest.raises(lp.InputError, match="steps"):
+        lp.alignment_curve(models, tpg, steps=[0, 1], progress=False)
+
+
+def test_the_task_module_does_not_import_the_analysis_module():
+    """Layering: tasks.priority (data) never imports lensprobe.priority (analysis)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lensprobe.tasks.priority as t;"
+            " t.priority_dataset(t.PriorityTask.random(6, 4, tie_size=3), 6, require_cycle=True);"
+            " print('lensprobe.priority' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

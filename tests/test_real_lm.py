@@ -98,6 +98,32 @@ def test_induction_heads_match_plain_loops_on_a_tiny_model(fingerprint):
     assert res.uniform == pytest.approx(float((1 / (q + 1)).mean()))
 
 
+def test_k_composition_scores_fold_the_ln1_gain_under_grouped_query_attention():
+    """Dense per-pair products from the stored weights: K/V head h // 2 serves query head
+    h, and the destination's RMSNorm gain g scales both sides of its QK circuit."""
+    model = lp.tiny_model(n_layers=3, n_heads=4, d_model=16, d_vocab=12, n_ctx=8, n_key_value_heads=2,
+                          normalization="RMS", dtype=torch.float64, seed=3)
+    sd = lp._tl.portable_state_dict(model)
+    g = torch.Generator().manual_seed(0)
+    for l in range(3):
+        sd[f"blocks.{l}.ln1.w"] = 0.5 + torch.rand(16, generator=g, dtype=torch.float64)
+    lp._tl.load_portable_state_dict(model, sd)
+    sd = lp._tl.portable_state_dict(model)
+    att = lambda l, name: sd[f"blocks.{l}.attn.{name}"].double()  # noqa: E731
+    ov = {(l, h): att(l, "_W_V")[h // 2] @ att(l, "W_O")[h] for l in range(3) for h in range(4)}
+    comp = induction.k_composition_scores(model)
+    for (l1, h1), A in ov.items():
+        for l2 in range(3):
+            G = torch.diag(sd[f"blocks.{l2}.ln1.w"].double())
+            for h2 in range(4):
+                if l1 >= l2:
+                    assert math.isnan(float(comp[l1, h1, l2, h2]))
+                    continue
+                B = (G @ att(l2, "W_Q")[h2] @ att(l2, "_W_K")[h2 // 2].T @ G).T
+                want = torch.linalg.norm(A @ B) / (torch.linalg.norm(A) * torch.linalg.norm(B))
+                assert float(comp[l1, h1, l2, h2]) == pytest.approx(float(want), rel=1e-9)
+
+
 def test_repeated_tokens_bos_and_errors():
     model = lp.tiny_model(n_layers=1, n_heads=1, d_model=8, d_vocab=6, n_ctx=16, seed=0)
     t = induction.repeated_tokens(model, half=5, batch=40, seed=0, bos=3)
@@ -300,14 +326,14 @@ def test_coupling_at_the_last_checkpoint_exceeds_init(trained, init, prompts):
             p.requires_grad_(False)
         J = [_plain_same_token_jacobian(model, toks, l, 47) for l in range(model.cfg.n_layers)]
         plain[name] = _plain_coupling(J, k)
-        got = lp.coupling(model, toks, k=k, progress=False).scalar(k)
+        got = lp.block_coupling(model, toks, top_k=k, progress=False).scalar(k)
         assert got == pytest.approx(plain[name], abs=2e-3)
     # small but consistent: higher after training on every held-out prompt tried
     assert plain["trained"] > plain["init"] + 0.01
     for i in (3, 6):
         toks = prompts[i:i + 1, :48]
-        assert lp.coupling(trained, toks, k=k, progress=False).scalar(k) > \
-            lp.coupling(init, toks, k=k, progress=False).scalar(k)
+        assert lp.block_coupling(trained, toks, top_k=k, progress=False).scalar(k) > \
+            lp.block_coupling(init, toks, top_k=k, progress=False).scalar(k)
 
 
 def test_shipped_findings_belong_to_the_shipped_model(trained):

@@ -77,7 +77,7 @@ def _extractors():
         "dominance": lambda m: lp.dominance(m, TOKENS, progress=False),
         "smoothing_profile": lambda m: lp.smoothing_profile(m, TOKENS),
         "block_jacobians": lambda m: lp.block_jacobians(m, TOKENS),
-        "coupling": lambda m: lp.coupling(m, TOKENS, progress=False),
+        "coupling": lambda m: lp.block_coupling(m, TOKENS, progress=False),
         "trajectory_metrics": lambda m: lp.trajectory_metrics(m, TOKENS),
         "induction_heads": lambda m: lp.induction_heads(m, half=4, batch=2),
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -476,7 +477,7 @@ def test_extractors_leave_the_model_untouched(tiny, fingerprint):
 def test_ov_spectrum_raising_midway_restores_the_model(tiny, fingerprint):
     model = tiny()
     with torch.no_grad():  # poison one value weight (through the parameter or its view)
-        S._head_weight(model, 1, "W_V")[0, 0, 0] = float("nan")
+        lp._tl.head_weight(model, 1, "W_V")[0, 0, 0] = float("nan")
     model.train()
     before = fingerprint(model)
     with pytest.raises(NonFiniteError):
@@ -569,3 +570,51 @@ def test_hf_bound_is_the_sup_over_attention_eigenvalues(tiny, causal):
         lam = lam.numpy()
         sup = np.abs(1 + grid[:, None] * lam[None, :]).max()
         assert rec.mu_hf_bound == pytest.approx(sup, rel=1e-4)
+
+
+# --------------------------------------------------------------------------- ActivationCache inputs
+@pytest.mark.parametrize("causal", [True, False])
+def test_cache_gives_the_same_numbers_as_tokens(tiny, causal):
+    model = tiny(n_layers=3, causal=causal)
+    randomise_ln(model, seed=2)
+    toks = profile_tokens(model.cfg.d_vocab, batch=3, pos=6)
+    _, cache = model.run_with_cache(toks)
+    a, b = lp.dominance(model, toks, progress=False), lp.dominance(model, cache=cache, progress=False)
+    for f in ("attn_eigenvalues", "mu_hf", "dominant", "layer_mu_hf", "layer_dominant"):
+        assert torch.allclose(getattr(b, f), getattr(a, f), rtol=1e-12, atol=1e-12), f
+    p, q = lp.smoothing_profile(model, toks), lp.smoothing_profile(model, cache=cache)
+    for f in ("hc_dc", "cosine", "dirichlet", "sigma_ratio"):
+        assert torch.allclose(getattr(q, f), getattr(p, f), rtol=1e-12), f
+    assert p.hooks == q.hooks
+
+
+def test_smoothing_profile_hooks_follow_names_filter(tiny):
+    model = tiny(n_layers=3)
+    toks = profile_tokens(model.cfg.d_vocab, batch=2, pos=7)
+    _, cache = model.run_with_cache(toks)
+    mids = [f"blocks.{l}.hook_resid_mid" for l in range(3)]
+    by_list = lp.smoothing_profile(model, toks, hooks=mids)
+    by_pred = lp.smoothing_profile(model, cache=cache, hooks=lambda n: n.endswith("hook_resid_mid"))
+    assert by_list.hooks == by_pred.hooks == tuple(mids)
+    assert torch.allclose(by_list.cosine, by_pred.cosine, rtol=1e-12)
+    for k, h in enumerate(mids):  # independent: a plain loop over the cached stream
+        x = cache[h].detach().to(D64)
+        mean = x.mean(dim=1, keepdim=True)
+        want = (x - mean).flatten(1).norm(dim=1) / (mean.flatten(1).norm(dim=1) * math.sqrt(7))
+        assert torch.allclose(by_list.hc_dc[:, k], want, rtol=1e-10)
+    one = lp.smoothing_profile(model, toks, hooks="blocks.1.hook_resid_pre")
+    assert one.hooks == ("blocks.1.hook_resid_pre",) and one.hc_dc.shape == (2, 1)
+    with pytest.raises(InputError, match="one shape"):
+        lp.smoothing_profile(model, toks, hooks=["blocks.0.hook_resid_pre", "blocks.0.attn.hook_pattern"])
+
+
+def test_cache_lacking_hooks_is_an_input_error(tiny):
+    model = tiny()
+    toks = profile_tokens(model.cfg.d_vocab, batch=2, pos=5)
+    _, part = model.run_with_cache(toks, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    with pytest.raises(InputError, match="lacks hook points"):
+        lp.smoothing_profile(model, cache=part)
+    with pytest.raises(InputError, match="lacks hook points"):
+        lp.dominance(model, cache=part, progress=False)
+    with pytest.raises(InputError, match="tokens"):
+        lp.smoothing_profile(model)

@@ -131,10 +131,10 @@ def test_stacked_heads_ablation_and_model_untouched(task, batch, mode, fingerpri
                 assert got[d] == pytest.approx(res.clean_accuracy[d] - manual[d], abs=1e-6)
     # detection logic: each layer's best specialist, by the definition
     for s in res.stack:
-        l, h = s["layer"], s["head"]
-        assert s["hop"] == int(res.over_baseline[l, h].argmax()) + 1
-        assert s["score"] == pytest.approx(float(res.scores[l, h, s["hop"] - 1]))
-    assert {(s["layer"], s["head"]) for s in res.stack} == {
+        l, h = s.layer, s.head
+        assert s.hop == int(res.over_baseline[l, h].argmax()) + 1
+        assert s.score == pytest.approx(float(res.scores[l, h, s.hop - 1]))
+    assert {(s.layer, s.head) for s in res.stack} == {
         (l, h) for l in range(2) for h in range(2) if res.specialist[l, h]}
     df = res.to_dataframe()
     assert len(df) == 4 and {"hop_1", "previous", "in_stack"} <= set(df.columns)
@@ -151,7 +151,7 @@ def test_stacked_heads_failure_midway_leaves_model(task, batch, fingerprint, mon
     def boom(*a, **k):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(stacking, "_ablated_logits", boom)
+    monkeypatch.setattr(stacking, "_ablated_accuracy", boom)
     with pytest.raises(RuntimeError, match="boom"):
         stacking.stacked_heads(model, batch, threshold=0.0, ablation="zero", ablate="all")
     assert fingerprint(model) == fp
@@ -173,7 +173,7 @@ def test_views_escape_tokens(tmp_path):
     assert "<b>" not in html.split("<body>")[1].replace("<b>" * 0, "")
     page = res.show().to_html()
     assert "CircuitsVis.render" in page and "</script>" not in _between_scripts(page)
-    out = res.save_html(tmp_path / "stack.html")
+    out = res.show().save(tmp_path / "stack.html")
     text = out.read_text()
     assert out.is_file() and 'src="http' not in text and "<link" not in text
 
@@ -187,8 +187,8 @@ def _between_scripts(page: str) -> str:
 
 def test_stays_from_and_emergence_on_known_sequence(task, batch):
     steps = [0, 1, 2, 3, 4]
-    assert stacking._stays_from([0.1, 0.5, 0.2, 0.6, 0.7], steps, lambda v: v >= 0.3) == 3
-    assert stacking._stays_from([0.1, 0.2, 0.2, 0.1, 0.2], steps, lambda v: v >= 0.3) is None
+    assert stacking.stays_from([v >= 0.3 for v in [0.1, 0.5, 0.2, 0.6, 0.7]], steps) == 3
+    assert stacking.stays_from([v >= 0.3 for v in [0.1, 0.2, 0.2, 0.1, 0.2]], steps) is None
     # loss drops below half its plateau (largest loss after the first checkpoint) for good
     loss = torch.tensor([[3.0, 3.0], [1.0, 1.2], [0.9, 0.5], [0.4, 0.7], [0.3, 0.2]])
     assert stacking._loss_drops(loss, steps, [1, 2], 0.5) == {1: 3, 2: 4}
@@ -265,24 +265,24 @@ def test_shipped_model_has_an_increasing_stack_that_ablation_confirms(fingerprin
     fp = fingerprint(model)
     res = stacking.stacked_heads(model, batch, ablation="mean")
     assert fingerprint(model) == fp
-    layers = [s["layer"] for s in res.stack]
+    layers = [s.layer for s in res.stack]
     assert len(set(layers)) >= 2 and layers == sorted(layers)
     # the depth from which each stack layer is needed (its heads' smallest) rises with it ...
     first_needed = {}
     for s in res.stack:
-        if s["resolves"] is not None:
-            first_needed[s["layer"]] = min(first_needed.get(s["layer"], 99), s["resolves"])
+        if s.resolves is not None:
+            first_needed[s.layer] = min(first_needed.get(s.layer, 99), s.resolves)
     r = [first_needed[l] for l in sorted(set(layers))]
     assert res.functional_order and r == sorted(r) and r[0] < r[-1], r
     # L2H0 puts most of its query attention on literals in general, not on the right one:
     # it is no D-hop head (issue 13)
     assert float(res.baselines["any_literal"][2, 0]) > 0.5
-    assert "L2H0" not in {s["name"] for s in res.stack}
+    assert "L2H0" not in {s.name for s in res.stack}
     for s in res.stack:
-        assert s["over_baseline"] >= 0.1 and s["score"] >= 0.3
+        assert s.over_baseline >= 0.1 and s.score >= 0.3
     # ... and ablating a head hurts depths at or above its hop more than those below
     checks = res.ablation_check()
-    assert set(checks) == {s["name"] for s in res.stack}
+    assert set(checks) == {s.name for s in res.stack}
     for name, c in checks.items():
         assert c["drop_at_or_above"] > c["drop_below"], (name, c)
 
@@ -338,7 +338,7 @@ def _brute_hop_baselines(P, batch, task, target="rhs"):
                     r = int(batch.info["ref_lhs"][b, i, k - 1])
                     tot += float(sum(A[j] for j in region(r)))
                     vis = [s for s in stmts if max(region(s)) <= i]
-                    is_lit = lambda s: lo <= tok[s + task.rhs_offset] < hi  # noqa: E731
+                    is_lit = lambda s, tok=tok: lo <= tok[s + task.rhs_offset] < hi  # noqa: E731
                     v = tok[r]
                     members = {
                         "any_statement": vis,
@@ -379,8 +379,8 @@ def test_hop_baselines_match_loops_and_a_literal_head_is_no_hop_head(target):
     assert hs.over_baseline[0, 1].max() < 0.1 and hs.over_baseline[0, 3].max() < 0.1
     # the 1-hop head is a 1-hop specialist, scoring 1 on its referent
     assert bool(specialist[0, 0]) and int(best_hop[0, 0]) == 1 and float(best_score[0, 0]) == pytest.approx(1.0)
-    assert [s["name"] for s in stack] == [n for n in ("L0H0", "L0H2") if n in {s["name"] for s in stack}]
-    assert all(s["over_baseline"] == pytest.approx(s["score"] - s["baseline"]) for s in stack)
+    assert [s.name for s in stack] == [n for n in ("L0H0", "L0H2") if n in {s.name for s in stack}]
+    assert all(s.over_baseline == pytest.approx(s.score - s.baseline) for s in stack)
 
 
 def test_stack_holds_every_specialist_of_a_layer():
@@ -390,7 +390,7 @@ def test_stack_holds_every_specialist_of_a_layer():
     P = torch.cat([P, P[:, :, [0]]], dim=2)  # a second 1-hop head in the same layer
     hs = stacking._hop_scores_from_patterns(P, batch, "rhs")
     stack, *_ = stacking._stack_from_scores(hs, 0.3, 0.1)
-    names = [s["name"] for s in stack]
+    names = [s.name for s in stack]
     assert "L0H0" in names and "L0H4" in names
 
 
@@ -442,7 +442,7 @@ def test_query_reads_the_segment_each_stack_head_stands_for(task, batch):
     reads = stacking.query_reads(res)
     words = task.str_tokens(batch.tokens[2])
     for s, r in zip(res.stack, reads):
-        row = pats[s["layer"]][2, s["head"], q]
+        row = pats[s.layer][2, s.head, q]
         j = int(row.argmax())
         assert r["pos"] == j and r["weight"] == pytest.approx(float(row.max()))
         assert r["token"] == words[j]
@@ -452,3 +452,81 @@ def test_query_reads_the_segment_each_stack_head_stands_for(task, batch):
         assert r["segment"] == [j] + [int(p) for p in batch.info["ref_pos"][2, j, :max(n, 0)]]
     html = res.chain_view().to_html()
     assert "resolved segment it stands for" in html and html.count("<rect") >= len(reads)
+
+
+# --------------------------------------------------------------------------- cache= and composition
+def test_hop_scores_from_a_cache_equal_a_fresh_capture(task, batch):
+    model = model_for(task, seed=3)
+    _, cache = model.run_with_cache(batch.tokens)
+    for target in ("rhs", "statement"):
+        fresh = stacking.hop_scores(model, batch, target=target)
+        cached = stacking.hop_scores(model, batch, target=target, cache=cache)
+        assert torch.equal(fresh.scores, cached.scores) and torch.equal(fresh.counts, cached.counts)
+        for name in fresh.hop_baselines:
+            assert torch.equal(fresh.hop_baselines[name], cached.hop_baselines[name])
+        for name in fresh.baselines:
+            assert torch.equal(fresh.baselines[name], cached.baselines[name])
+    _, resid_only = model.run_with_cache(batch.tokens, names_filter=lambda n: n.endswith("hook_resid_post"))
+    with pytest.raises(lp.InputError, match="hook_pattern"):
+        stacking.hop_scores(model, batch, cache=resid_only)
+    _, other = model.run_with_cache(batch.tokens[:2])
+    with pytest.raises(lp.InputError, match="do not belong"):
+        stacking.hop_scores(model, batch, cache=other)
+
+
+def _dense_composition(model, kind):
+    """[L, H, L, H] by dense d x d products per head pair, from the stored weights: with
+    grouped-query attention query head h reads K/V head h // (n_heads // n_kv)."""
+    sd = lp._tl.portable_state_dict(model)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    n_kv = getattr(model.cfg, "n_key_value_heads", None) or H
+
+    def w(l, name, h):
+        if f"blocks.{l}.attn.{name}" in sd:
+            return sd[f"blocks.{l}.attn.{name}"][h].double()
+        return sd[f"blocks.{l}.attn._{name}"][h // (H // n_kv)].double()  # a shared K/V head
+
+    ov = {(l, h): w(l, "W_V", h) @ w(l, "W_O", h) for l in range(L) for h in range(H)}
+    qk = {(l, h): w(l, "W_Q", h) @ w(l, "W_K", h).T for l in range(L) for h in range(H)}
+    dst = ov if kind == "V" else qk
+    out = torch.full((L, H, L, H), float("nan"), dtype=torch.float64)
+    for (l1, h1), A in ov.items():
+        for (l2, h2), M in dst.items():
+            if l1 < l2:
+                C = {"K": A @ M.T, "Q": A @ M, "V": A @ M}[kind]
+                out[l1, h1, l2, h2] = torch.linalg.norm(C) / (torch.linalg.norm(A) * torch.linalg.norm(M))
+    return out
+
+
+@pytest.mark.parametrize("n_kv", [None, 2, 1])
+def test_composition_matches_dense_products_with_grouped_query_attention(n_kv):
+    from lensprobe import induction
+
+    model = lp.tiny_model(n_layers=3, n_heads=4, d_model=16, d_vocab=12, n_ctx=8, n_key_value_heads=n_kv,
+                          dtype=torch.float64, seed=7)
+    for kind in ("K", "Q", "V"):
+        want = _dense_composition(model, kind)
+        got = induction.composition_scores(model, kind)
+        assert torch.allclose(got, want, rtol=1e-9, atol=0, equal_nan=True), kind
+        for (l1, h1, l2, h2) in [(0, 0, 1, 3), (0, 3, 2, 1), (1, 2, 2, 0)]:
+            assert stacking.composition(model, (l1, h1), (l2, h2), kind) == pytest.approx(
+                float(want[l1, h1, l2, h2]), rel=1e-9)
+
+
+def test_stack_entries_are_frozen_and_read_as_dicts(task, batch):
+    import dataclasses
+
+    model = model_for(task, seed=6)
+    res = stacking.stacked_heads(model, batch, threshold=0.0, min_over=-1.0, ablation="zero")
+    s = res.stack[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.hop = 3
+    assert s["hop"] == s.hop and dict(s) == dataclasses.asdict(s)
+    assert res.k_composition == [c["K"] for c in res.compositions]
+    # the composition baseline is the mean over every head pair of the two layers
+    kc = lp.induction.composition_scores(model, "K")
+    for c in res.compositions:
+        a = next(e for e in res.stack if e.name == c["src"])
+        b = next(e for e in res.stack if e.name == c["dst"])
+        assert c["K"] == pytest.approx(stacking.k_composition(model, (a.layer, a.head), (b.layer, b.head)))
+        assert c["K_baseline"] == pytest.approx(float(kc[a.layer, :, b.layer, :].mean()))

@@ -62,7 +62,7 @@ def _direct(spec: str):
 @pytest.fixture(scope="module")
 def serial(specs, tmp_path_factory):
     out = tmp_path_factory.mktemp("serial")
-    return lp.run_sweep("block_coupling", specs, TOKENS, shards=2, results=out, progress=False, k=K)
+    return lp.run_sweep("block_coupling", specs, TOKENS, shards=2, results=out, progress=False, top_k=K)
 
 
 # --------------------------------------------------------------------------- specs, summaries
@@ -85,7 +85,7 @@ def test_spec_grammar_and_trajectory_expansion(monkeypatch, tmp_path):
 
 def test_summary_of_result_objects_dicts_and_numbers(tiny):
     model = tiny()
-    coup = lp.block_coupling(model, TOKENS[:2], k=K, progress=False)
+    coup = lp.block_coupling(model, TOKENS[:2], top_k=K, progress=False)
     s = summarise(coup)
     df = coup.to_dataframe()
     assert s["scalars"]["scalar"] == pytest.approx(coup.scalar(), abs=1e-12)
@@ -112,7 +112,7 @@ def test_coupling_and_loss_against_a_plain_loop(tiny, fingerprint):
         logp = model(TOKENS[:2]).log_softmax(-1)
     nll = [-float(logp[b, t, TOKENS[b, t + 1]]) for b in range(2) for t in range(7)]
     assert got["heldout_loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-10)
-    assert got["coupling"] == pytest.approx(lp.block_coupling(model, TOKENS[:2], k=K).scalar(), abs=1e-12)
+    assert got["coupling"] == pytest.approx(lp.block_coupling(model, TOKENS[:2], top_k=K).scalar(), abs=1e-12)
     texts = heldout_passages()
     assert len(texts) >= 4 and all(len(t) > 300 for t in texts)
 
@@ -126,7 +126,7 @@ def test_serial_matches_direct_calls_per_spec_and_shard(serial, specs):
     for spec in specs:
         model = _direct(spec)
         for shard, rows in ((0, TOKENS[:2]), (1, TOKENS[2:])):
-            want = lp.block_coupling(model, rows, k=K, progress=False)
+            want = lp.block_coupling(model, rows, top_k=K, progress=False)
             row = serial[(serial["spec"].str.startswith(spec)) & (serial["shard"] == shard)].iloc[0]
             if model.cfg.n_layers == 1:  # zoo:priority: no layer pair, no off-diagonal mean
                 assert row["scalar"] is None or row["scalar"] != row["scalar"]  # null/NaN
@@ -202,7 +202,7 @@ def test_cli_sweep_in_a_fresh_process_never_imports_ray(specs, tmp_path):
     gpt2 = specs[3]
     code = ("import sys; from lensprobe.cli import main;"
             f" rc = main(['sweep', 'block_coupling', '--model', {gpt2!r}, '--shards', '2',"
-            f" '--kw', 'k={K}', '--out', {str(tmp_path)!r}, '--quiet',"
+            f" '--kw', 'top_k={K}', '--out', {str(tmp_path)!r}, '--quiet',"
             " '--prompt', 'w1 w2 w3 w4', '--prompt', 'w5 w6 w7 w8 w9']);"
             " print('RAY', 'ray' in sys.modules, 'RC', rc)")
     env = dict(os.environ, PYTHONPATH=str(Path(lp.__file__).parents[1]))
@@ -211,9 +211,9 @@ def test_cli_sweep_in_a_fresh_process_never_imports_ray(specs, tmp_path):
     assert "RAY False RC 0" in out.stdout, out.stdout + out.stderr
     assert "2 tasks (2 ran, 0 skipped, 0 failed)" in out.stdout
     rows = read_results(tmp_path)
-    assert [r["analysis"] for r in rows] == [f"block_coupling(k={K})"] * 2
+    assert [r["analysis"] for r in rows] == [f"block_coupling(top_k={K})"] * 2
     model = lp.load_model(gpt2)
-    want = lp.block_coupling(model, lp.to_tokens(model, "w5 w6 w7 w8 w9"), k=K, progress=False)
+    want = lp.block_coupling(model, lp.to_tokens(model, "w5 w6 w7 w8 w9"), top_k=K, progress=False)
     assert rows[1]["scalars"]["scalar"] == pytest.approx(want.scalar(), abs=1e-6)
 
 
@@ -245,7 +245,7 @@ def ray_runtime():
 def test_ray_matches_serial_and_records_a_missing_spec(ray_runtime, serial, specs, tmp_path):
     missing = str(tmp_path / "no-such-model")
     df = lp.run_sweep("block_coupling", specs + [missing], TOKENS, shards=2, engine="ray",
-                  results=tmp_path / "out", progress=False, k=K)
+                  results=tmp_path / "out", progress=False, top_k=K)
     assert len(df) == 10
     bad = df[df["model"] == missing]
     assert bad["status"].tolist() == ["error", "error"]
@@ -270,7 +270,7 @@ def kill_once(model, tokens, *, log_dir):
     try:
         os.close(os.open(log / "killed", os.O_CREAT | os.O_EXCL))
     except FileExistsError:
-        return {"coupling": lp.block_coupling(model, tokens, k=K, progress=False).scalar()}
+        return {"coupling": lp.block_coupling(model, tokens, top_k=K, progress=False).scalar()}
     os.kill(os.getpid(), signal.SIGKILL)
 
 

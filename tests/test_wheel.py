@@ -166,7 +166,7 @@ def test_lazy_names_are_the_eager_ones():
         importlib.import_module(f"lensprobe.{mod}")
     for name, mod in lp._ORIGIN.items():
         assert getattr(lp, name) is getattr(sys.modules[f"lensprobe.{mod}"], name), name
-    assert callable(lp.coupling) and lp.tasks.RetrievalTask is not None
+    assert callable(lp.block_coupling) and lp.tasks.RetrievalTask is not None
     from lensprobe.oversquash import sensitivity
 
     assert lp.sensitivity is sensitivity

@@ -144,7 +144,7 @@ EXTRACTORS_512 = {
     "dominance": lambda m, t: lp.dominance(m, t, progress=False),
     "smoothing_profile": lambda m, t: lp.smoothing_profile(m, t),
     "block_jacobians": lambda m, t: lp.block_jacobians(m, t, positions=[511], progress=False),
-    "coupling": lambda m, t: lp.coupling(m, t, positions=[511], k=4, progress=False),
+    "coupling": lambda m, t: lp.block_coupling(m, t, positions=[511], top_k=4, progress=False),
     "trajectory_metrics": lambda m, t: lp.trajectory_metrics(m, t),
     "induction_heads": lambda m, t: lp.induction_heads(m, half=128, batch=2),
 }

@@ -4,6 +4,9 @@ Every task follows :class:`lensprobe.tasks.base.Task` (seeded ``sample`` -> :cla
 """
 
 from .base import IGNORE, Batch, Task
-from .retrieval import RetrievalTask
-from .priority import PriorityTask, FixedData, priority_dataset
 from .counting import CopyTask, CountTask, counting_vocab
+from .priority import FixedData, PriorityTask, priority_dataset
+from .retrieval import RetrievalTask
+
+__all__ = ["IGNORE", "Batch", "CopyTask", "CountTask", "FixedData", "PriorityTask", "RetrievalTask", "Task",
+           "counting_vocab", "priority_dataset"]

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..inputs import insert_separators
 from .base import IGNORE, Batch
 
 __all__ = ["CopyTask", "CountTask", "counting_vocab", "insert_separators"]
@@ -41,18 +42,6 @@ def counting_vocab(max_count: int = 1) -> list[str]:
     Items are the tokens "0" and "1"; counts are the number tokens.
     """
     return _SPECIALS + [str(k) for k in range(max(1, max_count) + 1)]
-
-
-def insert_separators(items: list[int], sep: int, every: int | None) -> list[int]:
-    """``sep`` after every ``every`` items, never at the end (``every=None``: unchanged)."""
-    if not every:
-        return list(items)
-    out: list[int] = []
-    for k, t in enumerate(items, 1):
-        out.append(t)
-        if k % every == 0 and k < len(items):
-            out.append(sep)
-    return out
 
 
 def _check_lengths(min_len: int, max_len: int, separator_every: int | None) -> None:

@@ -22,7 +22,9 @@ from typing import Sequence
 
 import torch
 
+from ..core import renamed
 from ..errors import InputError
+from ..inputs import int_ids
 from .base import IGNORE, Batch
 
 __all__ = ["PriorityTask", "priority_dataset", "FixedData"]
@@ -111,9 +113,10 @@ class PriorityTask:
         return cls(n_tokens, seq_len, priority, vocab)
 
     # ------------------------------------------------------------------ sampling
-    def rank(self, k: int) -> dict[int, int]:
-        """Group index (0 = highest priority) of every token for last token ``k``."""
-        return {t: i for i, grp in enumerate(self.priority[k]) for t in grp}
+    @renamed(k="last_token")
+    def rank(self, last_token: int) -> dict[int, int]:
+        """Group index (0 = highest priority) of every token for ``last_token``."""
+        return {t: i for i, grp in enumerate(self.priority[last_token]) for t in grp}
 
     def label_candidates(self, seq: Sequence[int]) -> list[int]:
         """The tokens of the highest-priority group present in ``seq`` (sorted)."""
@@ -150,10 +153,8 @@ class FixedData:
     """
 
     def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, vocab: Sequence[str] | None = None):
-        from ..priority import _int_ids
-
-        tokens = _int_ids(tokens, "tokens", 2).long()
-        labels = _int_ids(labels, "labels", 1).long()
+        tokens = int_ids(tokens, "tokens", 2).long()
+        labels = int_ids(labels, "labels", 1).long()
         if labels.shape != (tokens.shape[0],):
             raise InputError(
                 f"expected tokens [n, T] and labels [n], got {tuple(tokens.shape)} and"
@@ -197,6 +198,12 @@ def priority_dataset(
 
 
 def _has_cycle(X: torch.Tensor, y: torch.Tensor) -> bool:
-    from ..priority import TokenPriorityGraph  # the graph module builds on this one lazily
+    """Whether some last token's priority graph (edges label -> every other context token,
+    as in :class:`lensprobe.TokenPriorityGraph`) has a directed cycle, i.e. an SCC of two
+    or more tokens. Task samples always hold their label, so no sample is left out."""
+    import networkx as nx
 
-    return not TokenPriorityGraph.from_data(X, y).is_acyclic
+    graphs: dict[int, nx.DiGraph] = {}
+    for seq, lab in zip(X.tolist(), y.tolist()):
+        graphs.setdefault(seq[-1], nx.DiGraph()).add_edges_from((lab, t) for t in set(seq) - {lab})
+    return not all(nx.is_directed_acyclic_graph(g) for g in graphs.values())
