@@ -1,6 +1,8 @@
 # lensprobe: two commands set up everything from nothing.
 #   make report   virtual environment (newest TransformerLens) + the main job on the embedded default
-#   make test     both virtual environments (TL 4.x bridge, TL 2.18 HookedTransformer) + every test
+#   make test     lint (ruff + radon) then both virtual environments (TL 4.x bridge, TL 2.18
+#                 HookedTransformer) + every test
+#   make lint     ruff over the package and radon's complexity grades (every function C or better)
 #   make docs     the documentation site in build/docs/site (offline; executes the tutorials once)
 # torch is pinned through constraints.txt (2.13.0: a local CPU wheel on the project's machines).
 
@@ -11,7 +13,7 @@ PIP_FLAGS := -q --disable-pip-version-check -c constraints.txt
 OUT       ?= report
 PYTEST_ARGS ?=
 
-.PHONY: report test test-tl4 test-tl2 bench browser venvs docs clean
+.PHONY: report test test-tl4 test-tl2 lint bench browser venvs docs clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -47,10 +49,17 @@ docs: $(VENV)/.installed
 # the notebooks and the package, not the backend).
 TL4_ONLY := --ignore=tests/test_tutorials.py --ignore=tests/test_docs.py --ignore=tests/test_wheel.py
 
-test-tl4: $(VENV)/.installed browser docs
+# ruff (pyproject.toml: pyflakes, bugbear, import order, McCabe <= 20) and radon: any function
+# graded D or worse (cyclomatic complexity > 20) fails the build, with the list.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check lensprobe
+	@worse="$$($(VENV)/bin/radon cc -s -n D lensprobe)"; \
+	if [ -n "$$worse" ]; then echo "radon: functions graded D or worse (split them):"; echo "$$worse"; exit 1; fi
+
+test-tl4: $(VENV)/.installed lint browser docs
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-test-tl2: $(VENV_TL2)/.installed
+test-tl2: $(VENV_TL2)/.installed lint
 	$(VENV_TL2)/bin/python -m pytest -q $(TL4_ONLY) $(PYTEST_ARGS)
 
 test: test-tl4 test-tl2

@@ -1,6 +1,6 @@
 """Benchmark: the same 8-checkpoint coupling sweep on the serial engine and on Ray.
 
-Task: ``lp.sweep(coupling_and_loss, 8 checkpoints of zoo:shakespeare, passages, k=10)``:
+Task: ``lp.run_sweep(coupling_and_loss, 8 checkpoints of zoo:shakespeare, passages, k=10)``:
 each task loads one trajectory checkpoint (a Llama HF directory, 16-bit weights upcast)
 in its worker and computes the depth-wise coupling of the last token's block Jacobians
 and the next-token loss on the same held-out prompts (the first ``N_PROMPTS`` shipped
@@ -64,7 +64,7 @@ def _demo():
 def run(engine: str, specs: list[str], texts: list[str]) -> tuple[float, object]:
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
-        df = lp.sweep(coupling_and_loss, specs, texts, engine=engine, results=out,
+        df = lp.run_sweep(coupling_and_loss, specs, texts, engine=engine, results=out,
                       progress=False, k=K, max_tokens=N_TOKENS)
         wall = time.perf_counter() - t
     bad = df[df["status"] != "ok"]

@@ -30,7 +30,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "core": ("guard", "hooked_fn", "jacobian", "jvp_cols", "run_hooked", "vjp_rows"),
     "inputs": ("to_tokens",),
     "models": ("load_checkpoint", "load_model", "save_checkpoint", "tiny_model", "word_tokenizer"),
-    "training": ("TrainResult", "evaluate", "train"),
+    "training": ("TrainConfig", "TrainResult", "evaluate", "train"),
     # 1. over-squashing and representational collapse (Barbero et al. 2024)
     "oversquash": ("CollapsePair", "collapse_curve", "path_bound", "sensitivity"),
     # 2. OV eigenspectra and smoothing (Dovonon et al. 2025)
@@ -51,7 +51,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "induction": ("InductionEmergence", "InductionHeads", "induction_emergence",
                   "induction_heads"),
     # many models x prompt shards, serial or on Ray (optional extra)
-    "sweep": ("sweep",),
+    "sweep": ("run_sweep",),
 }
 _SUBMODULES = ("tasks", "views", "zoo")
 _ORIGIN: dict[str, str] = {name: mod for mod, names in _EXPORTS.items() for name in names}
@@ -83,20 +83,9 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-#: Public names that are also submodule names (``lp.sweep`` is the function).
-_SHADOWED = frozenset(n for n in _ORIGIN if n in _EXPORTS)
-
-
 class _Package(types.ModuleType):
-    """lensprobe's module type: keeps ``lp.sweep`` the function once ``lensprobe.sweep``
-    (the submodule) is imported, which makes the import system set the package attribute
-    of that name to the submodule. The submodule stays in ``sys.modules``, so
-    ``from lensprobe.sweep import ...`` works as before."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SHADOWED and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
+    """lensprobe's module type (no public name is also a submodule name, so
+    ``import lensprobe.sweep`` gives the module and ``lp.run_sweep`` the function)."""
 
     def __reduce__(self) -> tuple:
         # pickled by reference, like a plain module in cloudpickle: a function that uses
@@ -131,5 +120,5 @@ if TYPE_CHECKING:  # pragma: no cover  (re-exports for type checkers and IDEs)
         hop_scores, load_depth_study, query_accuracy, stacked_heads,
     )
     from .induction import InductionEmergence, InductionHeads, induction_emergence, induction_heads
-    from .sweep import sweep
-    from .training import TrainResult, evaluate, train
+    from .sweep import run_sweep
+    from .training import TrainConfig, TrainResult, evaluate, train

@@ -11,6 +11,7 @@ import operator
 from typing import Any, Sequence
 
 import torch
+from jaxtyping import Int
 
 from . import _tl
 from .errors import InputError, NonFiniteError
@@ -24,6 +25,8 @@ __all__ = [
     "check_finite",
     "check_pattern",
     "check_float_dtype",
+    "as_dtype",
+    "dtype_name",
     "insert_separators",
     "int_ids",
     "model_device",
@@ -74,10 +77,10 @@ def _has_tokenizer(model: Any) -> bool:
 
 def to_tokens(
     model: Any,
-    tokens: Any,
+    tokens: Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"] | str | list[str] | Sequence[Any],
     *,
     prepend_bos: bool | None = None,
-) -> torch.Tensor:
+) -> Int[torch.Tensor, "batch pos"]:
     """Normalise model input to a LongTensor of shape [batch, pos] on the model's device.
 
     Accepts a tensor or nested list of token ids ([pos] or [batch, pos]), a string, or a
@@ -85,50 +88,10 @@ def to_tokens(
     TransformerLens). Checks: not empty, integer ids inside [0, d_vocab), length <= n_ctx.
     """
     _tl.require_model(model)
-    if isinstance(tokens, str) or (
+    is_text = isinstance(tokens, str) or (
         isinstance(tokens, (list, tuple)) and tokens and all(isinstance(t, str) for t in tokens)
-    ):
-        if not _has_tokenizer(model):
-            raise InputError(
-                "got text but the model has no tokenizer (models built with lp.tiny_model"
-                " have none); pass token ids as a tensor [batch, pos], or attach a tokenizer."
-            )
-        if isinstance(tokens, str) and tokens == "" or isinstance(tokens, (list, tuple)) and any(
-            t == "" for t in tokens
-        ):
-            raise InputError("empty input: got an empty string; pass at least one token.")
-        vocab = getattr(model, "_lensprobe_vocab", None)
-        if vocab is not None:
-            toks = _word_tokens(vocab, [tokens] if isinstance(tokens, str) else list(tokens))
-        else:
-            kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
-            toks = model.to_tokens(tokens, **kw)
-    else:
-        if isinstance(tokens, torch.Tensor):
-            toks = tokens
-        else:
-            try:
-                toks = torch.as_tensor(tokens)
-            except (TypeError, ValueError, RuntimeError) as e:
-                raise InputError(
-                    f"cannot read tokens of type {type(tokens).__name__}: {e}. Pass a tensor"
-                    " [batch, pos] of token ids, a list of ids, or text."
-                ) from e
-        if toks.numel() == 0:
-            raise InputError(
-                f"empty input: tokens have shape {tuple(toks.shape)}; pass at least one token."
-            )
-        if toks.is_floating_point() or toks.is_complex() or toks.dtype == torch.bool:
-            raise InputError(
-                f"token ids must be integers, got dtype {toks.dtype}; pass a LongTensor"
-                " (tokens.long()) of ids, not embeddings or probabilities."
-            )
-        if toks.ndim == 1:
-            toks = toks.unsqueeze(0)
-        if toks.ndim != 2:
-            raise InputError(
-                f"tokens must have shape [pos] or [batch, pos], got {tuple(toks.shape)}."
-            )
+    )
+    toks = _text_ids(model, tokens, prepend_bos) if is_text else _id_tensor(tokens)
     if toks.numel() == 0:
         raise InputError(
             f"empty input: tokens have shape {tuple(toks.shape)}; pass at least one token."
@@ -147,6 +110,53 @@ def to_tokens(
             " check the tokenizer or the task vocabulary matches the model."
         )
     return toks.long().to(model_device(model))
+
+
+def _text_ids(model: Any, text: str | Sequence[str], prepend_bos: bool | None) -> torch.Tensor:
+    """Token ids of a text or a list of texts, with the model's tokenizer."""
+    if not _has_tokenizer(model):
+        raise InputError(
+            "got text but the model has no tokenizer (models built with lp.tiny_model"
+            " have none); pass token ids as a tensor [batch, pos], or attach a tokenizer."
+        )
+    texts = [text] if isinstance(text, str) else list(text)
+    if any(t == "" for t in texts):
+        raise InputError("empty input: got an empty string; pass at least one token.")
+    vocab = getattr(model, "_lensprobe_vocab", None)
+    if vocab is not None:
+        return _word_tokens(vocab, texts)
+    kw = {} if prepend_bos is None else {"prepend_bos": prepend_bos}
+    return model.to_tokens(text, **kw)
+
+
+def _id_tensor(tokens: Any) -> torch.Tensor:
+    """Token ids (a tensor or nested list, [pos] or [batch, pos]) as a 2-D integer tensor."""
+    if isinstance(tokens, torch.Tensor):
+        toks = tokens
+    else:
+        try:
+            toks = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InputError(
+                f"cannot read tokens of type {type(tokens).__name__}: {e}. Pass a tensor"
+                " [batch, pos] of token ids, a list of ids, or text."
+            ) from e
+    if toks.numel() == 0:
+        raise InputError(
+            f"empty input: tokens have shape {tuple(toks.shape)}; pass at least one token."
+        )
+    if toks.is_floating_point() or toks.is_complex() or toks.dtype == torch.bool:
+        raise InputError(
+            f"token ids must be integers, got dtype {toks.dtype}; pass a LongTensor"
+            " (tokens.long()) of ids, not embeddings or probabilities."
+        )
+    if toks.ndim == 1:
+        toks = toks.unsqueeze(0)
+    if toks.ndim != 2:
+        raise InputError(
+            f"tokens must have shape [pos] or [batch, pos], got {tuple(toks.shape)}."
+        )
+    return toks
 
 
 def _word_tokens(vocab: list[str], texts: list[str]) -> torch.Tensor:
@@ -343,6 +353,26 @@ def check_pattern(pattern: torch.Tensor, what: str) -> torch.Tensor:
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: floating dtypes by name (names are data: never ``getattr(torch, name)``).
+DTYPE_NAMES = {str(d).replace("torch.", ""): d for d in _FLOAT_DTYPES}
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The one normalisation of a ``dtype=`` argument: a floating ``torch.dtype`` or its
+    name ('float64', 'torch.float64') -> the ``torch.dtype``."""
+    if isinstance(dtype, str):
+        dtype = DTYPE_NAMES.get(dtype.replace("torch.", ""), dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(
+            f"dtype must be a floating torch.dtype such as torch.float64 (or its name:"
+            f" {', '.join(DTYPE_NAMES)}), got {dtype!r}."
+        )
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name results store for a dtype: 'float64' for torch.float64."""
+    return str(dtype).replace("torch.", "")
 
 
 def check_float_dtype(

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from . import _tl
 from .errors import InputError, ModelError
+from .inputs import DTYPE_NAMES, as_dtype, dtype_name
 
 __all__ = [
     "tiny_model", "save_checkpoint", "load_checkpoint", "load_model", "word_tokenizer",
@@ -51,7 +52,7 @@ def tiny_model(
     positional: str = "standard",
     causal: bool = True,
     act_fn: str = "gelu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     seed: int = 0,
     device: str | torch.device | None = None,
     vocab: list[str] | None = None,
@@ -68,41 +69,22 @@ def tiny_model(
     is left as it was). ``vocab`` (token strings, length d_vocab) attaches a word
     tokenizer so the model accepts text and shows string tokens. Returned in eval mode.
     """
-    if normalization not in _NORMS:
-        raise InputError(f"normalization must be 'LN', 'RMS' or None, got {normalization!r}.")
-    if positional not in _POSITIONAL:
-        raise InputError(f"positional must be one of {_POSITIONAL}, got {positional!r}.")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise InputError(f"dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
-    if act_fn not in ACT_FNS:
-        raise InputError(f"act_fn must be one of {ACT_FNS} (portable across backends), got {act_fn!r}.")
-    sizes = {"n_layers": n_layers, "n_heads": n_heads, "d_model": d_model, "n_ctx": n_ctx, "d_vocab": d_vocab}
-    sizes.update({k: v for k, v in {"d_head": d_head, "d_mlp": d_mlp,
-                                        "n_key_value_heads": n_key_value_heads}.items() if v is not None})
-    for name, v in sizes.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InputError(f"{name} must be a positive integer, got {v!r}.")
+    _check_choices(normalization, positional, act_fn)
+    dtype = as_dtype(dtype)
+    _check_sizes(n_layers=n_layers, n_heads=n_heads, d_model=d_model, n_ctx=n_ctx, d_vocab=d_vocab,
+                 d_head=d_head, d_mlp=d_mlp, n_key_value_heads=n_key_value_heads)
     if d_head is None:
         if d_model % n_heads:
             raise InputError(
                 f"d_model={d_model} is not divisible by n_heads={n_heads}; pass d_head."
             )
         d_head = d_model // n_heads
-    if n_key_value_heads is not None and n_heads % n_key_value_heads:
-        raise InputError(
-            f"n_key_value_heads={n_key_value_heads} must divide n_heads={n_heads} (each K/V head"
-            " serves an equal group of query heads)."
-        )
-    if positional == "rotary" and d_head % 2:
-        raise InputError(f"rotary positions need an even d_head, got {d_head}.")
-    if vocab is not None and len(vocab) != d_vocab:
-        raise InputError(f"vocab has {len(vocab)} tokens but d_vocab={d_vocab}.")
+    _check_shapes(n_heads, n_key_value_heads, positional, d_head, vocab, d_vocab)
     cfg = {
         "n_layers": n_layers,
         "n_heads": n_heads,
         "d_model": d_model,
         "d_head": d_head,
-        "d_mlp": None if attn_only else (d_mlp or 4 * d_model),
         "n_ctx": n_ctx,
         "d_vocab": d_vocab,
         "attn_only": attn_only,
@@ -113,20 +95,49 @@ def tiny_model(
         "seed": seed,
         "default_prepend_bos": False,
     }
+    if not attn_only:
+        cfg["d_mlp"] = d_mlp or 4 * d_model
     if n_key_value_heads is not None and n_key_value_heads != n_heads:
         cfg["n_key_value_heads"] = n_key_value_heads
     if positional == "rotary":
         # The adjacent-pair convention is the one native bridges implement; using it on
         # HookedTransformer too makes tiny models behave the same on both backends.
         cfg["rotary_adjacent_pairs"] = True
-    if attn_only:
-        cfg.pop("d_mlp")
     model = _tl.build_model(cfg, dtype=dtype, device=device)
     meta = {"positional": positional}
     _apply_lensprobe_meta(model, meta)
     if vocab is not None:
         attach_tokenizer(model, vocab)
     return model
+
+
+def _check_choices(normalization: Any, positional: Any, act_fn: Any) -> None:
+    if normalization not in _NORMS:
+        raise InputError(f"normalization must be 'LN', 'RMS' or None, got {normalization!r}.")
+    if positional not in _POSITIONAL:
+        raise InputError(f"positional must be one of {_POSITIONAL}, got {positional!r}.")
+    if act_fn not in ACT_FNS:
+        raise InputError(f"act_fn must be one of {ACT_FNS} (portable across backends), got {act_fn!r}.")
+
+
+def _check_sizes(**sizes: Any) -> None:
+    """Every given size (None: not given) is a positive integer."""
+    for name, v in sizes.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise InputError(f"{name} must be a positive integer, got {v!r}.")
+
+
+def _check_shapes(n_heads: int, n_kv: int | None, positional: str, d_head: int,
+                  vocab: list[str] | None, d_vocab: int) -> None:
+    if n_kv is not None and n_heads % n_kv:
+        raise InputError(
+            f"n_key_value_heads={n_kv} must divide n_heads={n_heads} (each K/V head"
+            " serves an equal group of query heads)."
+        )
+    if positional == "rotary" and d_head % 2:
+        raise InputError(f"rotary positions need an even d_head, got {d_head}.")
+    if vocab is not None and len(vocab) != d_vocab:
+        raise InputError(f"vocab has {len(vocab)} tokens but d_vocab={d_vocab}.")
 
 
 def _apply_lensprobe_meta(model: Any, meta: dict[str, Any]) -> None:
@@ -214,7 +225,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in _tl.portable_state_dict(model).items()}
     cfg = _tl.config_to_dict(model.cfg)
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    dtype = dtype_name(next(model.parameters()).dtype)
     meta = {
         "lensprobe_format": "1",
         "config": json.dumps(cfg),
@@ -232,10 +243,7 @@ def save_checkpoint(
 
 
 #: dtypes a checkpoint may declare (metadata is data: never ``getattr(torch, name)``).
-CHECKPOINT_DTYPES = {
-    "float32": torch.float32, "float64": torch.float64,
-    "float16": torch.float16, "bfloat16": torch.bfloat16,
-}
+CHECKPOINT_DTYPES = DTYPE_NAMES
 _REQUIRED_INTS = ("n_layers", "d_model", "n_heads", "d_head", "n_ctx", "d_vocab")
 _CHOICES = {
     "normalization_type": ("LN", "LNPre", "RMS", "RMSPre", None),
@@ -250,39 +258,50 @@ def _positive_int(v: Any) -> bool:
 
 def _validate_metadata(out: dict[str, Any], where: str) -> None:
     """Check decoded checkpoint metadata against lensprobe's schema; ModelError naming the field."""
+    try:
+        if out["dtype"] not in CHECKPOINT_DTYPES:
+            raise _BadMeta(f"dtype {out['dtype']!r} is not one of {sorted(CHECKPOINT_DTYPES)}")
+        cfg = out["config"]
+        if not isinstance(cfg, dict):
+            raise _BadMeta("'config' is missing or not a JSON object")
+        _check_config_sizes(cfg)
+        _check_config_choices(cfg)
+        opts = out["lensprobe"]
+        if opts is not None and not (isinstance(opts, dict) and opts.get("positional", "standard") in _POSITIONAL):
+            raise _BadMeta(f"'lensprobe' options {opts!r} (positional must be one of {_POSITIONAL})")
+        vocab = out["vocab"]
+        if vocab is not None and not (
+            isinstance(vocab, list) and len(vocab) == cfg["d_vocab"] and all(isinstance(t, str) for t in vocab)
+        ):
+            raise _BadMeta(f"'vocab' must be a list of {cfg['d_vocab']} strings")
+    except _BadMeta as e:
+        raise ModelError(f"{where}: invalid checkpoint metadata: {e}. Re-save it with lp.save_checkpoint.") from None
 
-    def bad(msg: str) -> ModelError:
-        return ModelError(f"{where}: invalid checkpoint metadata: {msg}. Re-save it with lp.save_checkpoint.")
 
-    if out["dtype"] not in CHECKPOINT_DTYPES:
-        raise bad(f"dtype {out['dtype']!r} is not one of {sorted(CHECKPOINT_DTYPES)}")
-    cfg = out["config"]
-    if not isinstance(cfg, dict):
-        raise bad("'config' is missing or not a JSON object")
+class _BadMeta(Exception):
+    """One schema violation of checkpoint metadata (the message names the field)."""
+
+
+def _check_config_sizes(cfg: dict[str, Any]) -> None:
     for key in _REQUIRED_INTS:
         if not _positive_int(cfg.get(key)):
-            raise bad(f"config[{key!r}] must be a positive integer, got {cfg.get(key)!r}")
+            raise _BadMeta(f"config[{key!r}] must be a positive integer, got {cfg.get(key)!r}")
     for key in ("d_mlp", "n_key_value_heads", "rotary_dim"):
         if cfg.get(key) is not None and not _positive_int(cfg[key]):
-            raise bad(f"config[{key!r}] must be a positive integer or null, got {cfg[key]!r}")
+            raise _BadMeta(f"config[{key!r}] must be a positive integer or null, got {cfg[key]!r}")
     kv = cfg.get("n_key_value_heads")
     if kv is not None and cfg["n_heads"] % kv:
-        raise bad(f"n_key_value_heads={kv} does not divide n_heads={cfg['n_heads']}")
+        raise _BadMeta(f"n_key_value_heads={kv} does not divide n_heads={cfg['n_heads']}")
     if not cfg.get("attn_only", False) and not _positive_int(cfg.get("d_mlp")):
-        raise bad("a model with MLPs needs config['d_mlp'] (a positive integer)")
+        raise _BadMeta("a model with MLPs needs config['d_mlp'] (a positive integer)")
+
+
+def _check_config_choices(cfg: dict[str, Any]) -> None:
     for key, choices in _CHOICES.items():
         if key in cfg and cfg[key] not in choices:
-            raise bad(f"config[{key!r}] = {cfg[key]!r} is not one of {choices}")
+            raise _BadMeta(f"config[{key!r}] = {cfg[key]!r} is not one of {choices}")
     if "act_fn" in cfg and cfg["act_fn"] is not None and not isinstance(cfg["act_fn"], str):
-        raise bad(f"config['act_fn'] must be a string, got {cfg['act_fn']!r}")
-    opts = out["lensprobe"]
-    if opts is not None and not (isinstance(opts, dict) and opts.get("positional", "standard") in _POSITIONAL):
-        raise bad(f"'lensprobe' options {opts!r} (positional must be one of {_POSITIONAL})")
-    vocab = out["vocab"]
-    if vocab is not None and not (
-        isinstance(vocab, list) and len(vocab) == cfg["d_vocab"] and all(isinstance(t, str) for t in vocab)
-    ):
-        raise bad(f"'vocab' must be a list of {cfg['d_vocab']} strings")
+        raise _BadMeta(f"config['act_fn'] must be a string, got {cfg['act_fn']!r}")
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
@@ -311,12 +330,11 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
 ) -> Any:
     """Load a portable checkpoint onto the installed backend (eval mode)."""
     device = _tl.check_device(device)
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise InputError(f"dtype must be a torch.dtype such as torch.float64, got {dtype!r}.")
+    dtype = None if dtype is None else as_dtype(dtype)
     meta = read_checkpoint_metadata(path)
     model = _tl.build_model(
         dict(meta["config"], init_weights=False), dtype=CHECKPOINT_DTYPES[meta["dtype"]], device=device

@@ -6,12 +6,10 @@ model, else ``--prompt`` text or a seeded random sample), runs each section, and
 
 * ``report.html``: plots as inline PNG, circuitsvis views with their bundle inlined once,
   graphs as inline SVG; no external reference, so it opens offline;
-* ``report.json``: the headline figures of every section, and which sections were skipped
-  and why.
+* ``report.json``: the headline figures of every section.
 
-A section that does not apply to the model (no retrieval task for a language model, ...)
-is skipped with its reason, or replaced by the nearest analysis that applies. A section
-that raises is shown as failed, with its error, in the page and the JSON (``failed``
+A section that does not apply to the model as such (no retrieval task for a language
+model, ...) is replaced by the nearest analysis that applies. A section that raises is shown as failed, with its error, in the page and the JSON (``failed``
 lists them); the other sections are still run and written, and ``lensprobe report``
 exits with status 1 naming the failed sections.
 """
@@ -37,10 +35,6 @@ from .models import load_model, str_tokens, vocab_of
 __all__ = ["run_report", "ReportResult", "Section", "SECTION_NAMES"]
 
 
-class Skip(Exception):
-    """Raised by a section that does not apply to this model; the message says why."""
-
-
 @dataclass
 class Section:
     name: str
@@ -48,7 +42,6 @@ class Section:
     text: str = ""  # one or two sentences: what the figure shows, what to conclude
     parts: list[Any] = field(default_factory=list)  # Views and trusted HTML strings
     headline: dict[str, Any] = field(default_factory=dict)
-    skipped: str | None = None
     failed: str | None = None  # "ErrorType: message" when the section raised
     traceback: str | None = None
     seconds: float = 0.0
@@ -127,7 +120,7 @@ def _prompts(model: Any, task: Any | None, prompts: list[str] | None, n: int = 4
         rows = [to_tokens(model, p) for p in prompts]
         if len({r.shape[1] for r in rows}) > 1:
             warnings.warn("prompts of different lengths: the report analyses the first one only;"
-                          " pass prompts of equal token length to analyse them together.")
+                          " pass prompts of equal token length to analyse them together.", stacklevel=3)
             rows = rows[:1]
         toks = torch.cat(rows)
         return toks, str_tokens(model, toks)
@@ -269,13 +262,13 @@ def _smoothing(ctx: Context) -> Section:
 
 
 def _coupling(ctx: Context) -> Section:
-    from .coupling import coupling, trajectory_metrics
+    from .coupling import block_coupling, trajectory_metrics
 
     big = _is_big(ctx.model)
     toks = ctx.tokens[:1, :32] if big else ctx.tokens[:2]
     n = toks.shape[1]
     positions = sorted({n - 1, n // 2, 0}) if n > 32 or big else None
-    coup = coupling(ctx.model, toks, positions=positions, progress=False)
+    coup = block_coupling(ctx.model, toks, positions=positions, progress=False)
     traj = trajectory_metrics(ctx.model, toks)
     scalar = coup.scalar()
     summary = traj.summary()
@@ -452,7 +445,7 @@ def _init_model(zoo_name: str | None, device: str) -> Any | None:
 def _versus_init(sec: Section, fn: Callable[[Context], Section], ctx: Context) -> Section:
     """Run the section again at initialisation and add one sentence comparing the two."""
     keys = _VERSUS.get(sec.name)
-    if ctx.init is None or not keys or sec.skipped:
+    if ctx.init is None or not keys:
         return sec
     from dataclasses import replace
 
@@ -510,8 +503,6 @@ def run_report(
         t = time.perf_counter()
         try:
             sec = _versus_init(fn(ctx), fn, ctx)
-        except Skip as why:
-            sec = Section(sec_name, sec_name, skipped=str(why))
         except Exception as e:  # noqa: BLE001 -- one broken section must not cost the others
             sec = Section(sec_name, sec_name, failed=f"{type(e).__name__}: {e}",
                           traceback="".join(traceback.format_exception(e)[-_TB_LINES:]))
@@ -538,8 +529,6 @@ _TB_LINES = 12  # the innermost frames of a failed section's traceback
 def _section_json(s: Section) -> dict[str, Any]:
     if s.failed is not None:
         return {"failed": s.failed, "traceback": s.traceback, "seconds": round(s.seconds, 3)}
-    if s.skipped:
-        return {"skipped": s.skipped}
     return dict(s.headline, seconds=round(s.seconds, 3))
 
 
@@ -555,7 +544,6 @@ def _render(name: str, sections: list[Section]) -> str:
     parts: list[Any] = [f"<h1>lensprobe report: {views.escape(name)}</h1>"]
     toc = "".join(
         f"<li><a href='#{s.name}'>{views.escape(s.title)}</a>"
-        + (f" (skipped: {views.escape(s.skipped)})" if s.skipped else "")
         + (" (failed)" if s.failed is not None else "") + "</li>"
         for s in sections
     )
@@ -571,8 +559,6 @@ def _render(name: str, sections: list[Section]) -> str:
                 f"<details><summary>traceback</summary><pre>{views.escape(s.traceback or '')}"
                 "</pre></details>"
             )
-        elif s.skipped:
-            parts.append(f"<p class='note'>Skipped: {views.escape(s.skipped)}</p>")
         else:
             parts.append(f"<p>{views.escape(s.text)}</p>")
             parts.extend(s.parts)

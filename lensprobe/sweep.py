@@ -2,7 +2,7 @@
 
 The coupling paper's central result (Aubry et al., ICLR 2025) is a correlation across
 many language models and across training checkpoints; the over-squashing and smoothing
-papers compare many models too. :func:`sweep` runs one analysis over
+papers compare many models too. :func:`run_sweep` runs one analysis over
 
 * **model specs**, never live models (each task loads its own model where it runs):
   ``zoo:NAME`` (final weights), ``zoo:NAME@STEP``, ``zoo:NAME@all`` (every step of the
@@ -26,8 +26,8 @@ up to ``max_retries`` times by Ray. The driver alone writes results, so a dead w
 never leaves a partial or duplicated row.
 
     >>> import lensprobe as lp
-    >>> df = lp.sweep("coupling", ["zoo:shakespeare@all"], prompts=texts, shards=2,
-    ...               engine="ray", results="sweep-out", k=10)
+    >>> df = lp.run_sweep("block_coupling", ["zoo:shakespeare@all"], prompts=texts, shards=2,
+    ...                   engine="ray", results="sweep-out", top_k=10)
     >>> df.groupby("step")["scalar"].mean()
 """
 
@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable
 from .errors import InputError
 
 __all__ = [
-    "sweep", "ModelSpec", "expand_specs", "load_spec", "summarise", "read_results",
+    "run_sweep", "ModelSpec", "expand_specs", "load_spec", "summarise", "read_results",
     "coupling_and_loss", "heldout_passages", "RESULTS_FILE",
 ]
 
@@ -91,7 +91,7 @@ def _parse(spec: Any) -> ModelSpec:
     if not isinstance(spec, str):
         if hasattr(spec, "cfg") or hasattr(spec, "state_dict"):
             raise InputError(
-                "sweep() takes model specs, never live models (each task loads its own model"
+                "run_sweep() takes model specs, never live models (each task loads its own model"
                 " where it runs); save it with lp.save_checkpoint(model, 'm.safetensors') and"
                 " pass the path."
             )
@@ -130,7 +130,7 @@ def expand_specs(models: Any) -> list[ModelSpec]:
         else:
             out.append(s)
     if not out:
-        raise InputError("sweep() needs at least one model spec.")
+        raise InputError("run_sweep() needs at least one model spec.")
     dup = {str(s) for s in out if out.count(s) > 1}
     if dup:
         raise InputError(f"model specs repeated: {sorted(dup)}; each task key must be unique.")
@@ -182,7 +182,7 @@ class _Analysis:
         fn = getattr(lensprobe, self.target, None)
         if not callable(fn) or self.target.startswith("_"):
             raise InputError(
-                f"no public lensprobe analysis {self.target!r}; pass a name such as 'coupling',"
+                f"no public lensprobe analysis {self.target!r}; pass a name such as 'block_coupling',"
                 " 'sensitivity', 'ov_spectrum', 'report:smoothing', or a function"
                 " f(model, tokens, **kwargs)."
             )
@@ -219,14 +219,11 @@ def _call(fn: Callable, model: Any, tokens: Any, kwargs: dict, spec: ModelSpec) 
         from .models import str_tokens
 
         if tokens is None:
-            raise InputError("report sections need prompts; pass prompts=... to sweep().")
+            raise InputError("report sections need prompts; pass prompts=... to run_sweep().")
         zoo_name = spec.name if spec.kind == "zoo" else None
         ctx = report.Context(model, str(spec), zoo_name, tokens, str_tokens(model, tokens),
                              report._task_for(zoo_name), False)
-        try:
-            return fn(ctx)
-        except report.Skip as why:
-            return report.Section(fn.__name__.strip("_"), "", skipped=str(why))
+        return fn(ctx)
     kw = dict(kwargs)
     try:
         params = inspect.signature(fn).parameters
@@ -288,25 +285,33 @@ def summarise(result: Any) -> dict[str, Any]:
     from . import report
 
     if isinstance(result, report.Section):
-        if result.skipped:
-            return {"scalars": {"skipped": result.skipped}, "data": {}}
         result = result.headline
-    if isinstance(result, bool) or not isinstance(result, (int, float, dict)) and not hasattr(
-            result, "to_dataframe"):
-        if hasattr(result, "item") and getattr(result, "numel", lambda: 0)() == 1:
-            result = result.item()
-        else:
-            raise InputError(
-                f"cannot summarise a {type(result).__name__} result: a sweep analysis must return"
-                " a lensprobe result (with to_dataframe()), a dict of numbers/arrays, or a number;"
-                " wrap the analysis in a function that returns one."
-            )
+    result = _summarisable(result)
     if isinstance(result, (int, float)):
         return {"scalars": {"value": _plain(float(result), "value")}, "data": {}}
     if isinstance(result, dict):
         plain = _plain(result, "summary")
         return {"scalars": {k: v for k, v in plain.items() if _is_scalar(v)},
                 "data": {k: v for k, v in plain.items() if not _is_scalar(v)}}
+    return _summarise_result(result)
+
+
+def _summarisable(result: Any) -> Any:
+    """``result`` itself if :func:`summarise` takes it (a one-element tensor as its number)."""
+    if isinstance(result, bool) or not isinstance(result, (int, float, dict)) and not hasattr(
+            result, "to_dataframe"):
+        if hasattr(result, "item") and getattr(result, "numel", lambda: 0)() == 1:
+            return result.item()
+        raise InputError(
+            f"cannot summarise a {type(result).__name__} result: a sweep analysis must return"
+            " a lensprobe result (with to_dataframe()), a dict of numbers/arrays, or a number;"
+            " wrap the analysis in a function that returns one."
+        )
+    return result
+
+
+def _summarise_result(result: Any) -> dict[str, Any]:
+    """A lensprobe result's summary: its table as column lists, its scalars."""
     df = result.to_dataframe()
     if df.size > MAX_VALUES:
         raise InputError(f"{type(result).__name__}.to_dataframe() has {df.size} values, more than"
@@ -335,6 +340,16 @@ def _shards(prompts: Any, shards: int) -> list[Any]:
         if shards != 1:
             raise InputError("shards > 1 needs prompts to split; pass prompts=... or shards=1.")
         return [None]
+    prompts, ids = _prompt_rows(prompts)
+    if shards > len(prompts):
+        raise InputError(f"shards={shards} but only {len(prompts)} prompts; use at most one shard"
+                         " per prompt.")
+    bounds = [round(i * len(prompts) / shards) for i in range(shards + 1)]
+    return [[list(p) if ids else p for p in prompts[a:b]] for a, b in zip(bounds, bounds[1:])]
+
+
+def _prompt_rows(prompts: Any) -> tuple[list[Any], bool]:
+    """The prompts as a list of texts or of token-id rows, and whether they are ids."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if hasattr(prompts, "tolist"):  # tensor / array of token ids [batch, pos] or [pos]
@@ -345,17 +360,16 @@ def _shards(prompts: Any, shards: int) -> list[Any]:
     if not prompts:
         raise InputError("prompts is empty; pass texts or token ids [batch, pos].")
     texts = all(isinstance(p, str) for p in prompts)
-    ids = all(isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                   for t in p) for p in prompts)
+    ids = all(_is_id_row(p) for p in prompts)
     if not (texts or ids):
         raise InputError("prompts must be texts or rows of integer token ids.")
     if ids and len({len(p) for p in prompts}) > 1:
         raise InputError("token-id prompts must all have the same length.")
-    if shards > len(prompts):
-        raise InputError(f"shards={shards} but only {len(prompts)} prompts; use at most one shard"
-                         " per prompt.")
-    bounds = [round(i * len(prompts) / shards) for i in range(shards + 1)]
-    return [[list(p) if ids else p for p in prompts[a:b]] for a, b in zip(bounds, bounds[1:])]
+    return prompts, ids
+
+
+def _is_id_row(row: Any) -> bool:
+    return isinstance(row, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in row)
 
 
 def _shard_tokens(model: Any, shard: list | None) -> Any:
@@ -533,7 +547,7 @@ def _ray(todo: list[_Task], analysis: _Analysis, device: str | None, emit: Calla
     elif runtime_env is not None:
         raise InputError("Ray is already initialised: its runtime_env was fixed by ray.init();"
                          " pass runtime_env there (lensprobe.sweep.ray_runtime_env() gives the"
-                         " one lensprobe would use), not to sweep().")
+                         " one lensprobe would use), not to run_sweep().")
     try:
         remote = ray.remote(_run_task).options(
             num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False)
@@ -557,7 +571,7 @@ def _ray(todo: list[_Task], analysis: _Analysis, device: str | None, emit: Calla
 
 
 # =========================================================================== the sweep
-def sweep(
+def run_sweep(
     analysis: str | Callable,
     models: Any,
     prompts: Any = None,
@@ -577,11 +591,11 @@ def sweep(
 ) -> Any:
     """Run ``analysis`` on every (model spec, prompt shard) and return a tidy DataFrame.
 
-    ``analysis``: a public lensprobe analysis by name ('coupling', 'sensitivity',
+    ``analysis``: a public lensprobe analysis by name ('block_coupling', 'sensitivity',
     'ov_spectrum', ...), a report section ('report:smoothing'), or a function
     ``f(model, tokens, **kwargs)`` (``f(model, **kwargs)`` when ``prompts`` is None) whose
     result :func:`summarise` accepts; ``kwargs`` go to it (JSON-able: they are part of
-    the result key, e.g. ``analysis='coupling(k=10)'``).
+    the result key, e.g. ``analysis='block_coupling(top_k=10)'``).
     ``models``: specs (module docstring), never live models. ``prompts``: texts (each
     model tokenises them; a shard's rows are cut to its shortest) or token ids [batch, pos],
     split into ``shards`` contiguous shards.
@@ -649,7 +663,7 @@ def sweep(
 
 
 def to_dataframe(rows: Iterable[dict]) -> Any:
-    """Result rows (from :func:`sweep` or :func:`read_results`) as a tidy DataFrame: the
+    """Result rows (from :func:`run_sweep` or :func:`read_results`) as a tidy DataFrame: the
     key columns, status, one column per summary scalar, then the rest."""
     import pandas as pd
 
@@ -687,7 +701,7 @@ def coupling_and_loss(model: Any, tokens: Any, *, k: int = 10,
 
     * ``coupling``: mean depth-wise coupling of the last token's block Jacobians,
       mean over prompts and layer pairs i != j of 1 - m_K(J^i_tt, J^j_tt)^2
-      (:func:`lensprobe.coupling`, K = ``k``);
+      (:func:`lensprobe.block_coupling`, K = ``k``);
     * ``heldout_loss``: mean next-token cross-entropy on the same tokens,
       -1/(B(T-1)) sum_b sum_t log p(x_{b,t+1} | x_{b,<=t}) (nats per token).
 
@@ -698,7 +712,7 @@ def coupling_and_loss(model: Any, tokens: Any, *, k: int = 10,
     import torch
 
     from .core import guard
-    from .coupling import coupling
+    from .coupling import block_coupling
     from .inputs import to_tokens
 
     tokens = to_tokens(model, tokens)
@@ -707,7 +721,7 @@ def coupling_and_loss(model: Any, tokens: Any, *, k: int = 10,
             raise InputError(f"max_tokens must be an integer >= 2, got {max_tokens!r}.")
         tokens = tokens[:, :max_tokens]
 
-    c = coupling(model, tokens, k=k, keep_products=False, progress=False)
+    c = block_coupling(model, tokens, top_k=k, keep_products=False, progress=False)
     with guard(model), torch.no_grad():
         logits = model(tokens)
     loss = torch.nn.functional.cross_entropy(
@@ -722,7 +736,7 @@ def add_cli(sub: Any) -> None:
         "sweep", help="one analysis over many models and prompt shards (serial or Ray)",
         description="Run one analysis over model specs x prompt shards; rows go to"
                     " OUT/results.jsonl as tasks finish and a rerun skips finished keys.")
-    s.add_argument("analysis", help="a lensprobe analysis ('coupling', 'sensitivity', ...),"
+    s.add_argument("analysis", help="a lensprobe analysis ('block_coupling', 'sensitivity', ...),"
                    " 'report:<section>', or 'coupling_and_loss' (coupling + loss on the prompts)")
     s.add_argument("--model", action="append", required=True, dest="models",
                    help="model spec (repeatable): zoo:NAME[@STEP|@all], checkpoint, HF dir,"
@@ -737,7 +751,7 @@ def add_cli(sub: Any) -> None:
     s.add_argument("--num-cpus", type=float, default=1, help="CPUs per Ray task")
     s.add_argument("--num-gpus", type=float, default=0, help="GPUs per Ray task")
     s.add_argument("--kw", action="append", default=[], metavar="KEY=JSON",
-                   help="analysis keyword argument, value as JSON (repeatable): --kw k=10")
+                   help="analysis keyword argument, value as JSON (repeatable): --kw top_k=10")
     s.add_argument("--out", default="sweep", help="results directory (default: ./sweep)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -757,7 +771,7 @@ def cli_main(args: Any) -> int:
     if args.heldout:
         prompts += heldout_passages()
     analysis: Any = coupling_and_loss if args.analysis == "coupling_and_loss" else args.analysis
-    df = sweep(analysis, args.models, prompts or None, shards=args.shards, engine=args.engine,
+    df = run_sweep(analysis, args.models, prompts or None, shards=args.shards, engine=args.engine,
                results=args.out, address=args.address, workers=args.workers,
                num_cpus=args.num_cpus, num_gpus=args.num_gpus, progress=not args.quiet, **kwargs)
     scalar_cols = [c for c in df.columns if c not in (*KEY, "step", "status", "error", "spec",

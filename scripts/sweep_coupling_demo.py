@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--out", default=None, help="results directory (resumable)")
     args = ap.parse_args()
-    df = lp.sweep(coupling_and_loss, ["zoo:shakespeare@all"], heldout_passages()[: args.prompts],
+    df = lp.run_sweep(coupling_and_loss, ["zoo:shakespeare@all"], heldout_passages()[: args.prompts],
                   shards=args.shards, engine=args.engine, results=args.out, k=args.k,
                   max_tokens=args.max_tokens)
     print(json.dumps(correlate(df, lp.zoo.info("shakespeare")), indent=1))

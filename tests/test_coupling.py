@@ -628,7 +628,7 @@ def test_training_raises_depthwise_coupling_above_initialisation(tiny):
 # ------------------------------------------------------------------ names and inputs
 def test_import_gives_the_module_and_block_coupling_the_function():
     assert isinstance(lp.coupling, types.ModuleType) and lp.coupling is lpc
-    assert lpc.block_coupling is lp.block_coupling and "coupling" not in lp._SHADOWED
+    assert lpc.block_coupling is lp.block_coupling and "coupling" not in lp._ORIGIN  # no name shadows a module
 
 
 def test_old_names_warn_and_give_the_same_numbers(tiny):

@@ -383,3 +383,15 @@ def test_grouped_query_attention_is_repeated_kv_heads(positional, tmp_path):
     loaded = lp.load_checkpoint(lp.save_checkpoint(gqa, tmp_path / "gqa"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(toks), gqa(toks), rtol=0, atol=1e-10)
+
+
+def test_dtype_by_name_gives_the_same_model(tmp_path):
+    a = lp.tiny_model(d_model=8, n_heads=2, d_vocab=10, n_ctx=8, dtype=torch.float64, seed=3)
+    b = lp.tiny_model(d_model=8, n_heads=2, d_vocab=10, n_ctx=8, dtype="float64", seed=3)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]) and v.dtype == b.state_dict()[k].dtype, k
+    assert next(b.parameters()).dtype == torch.float64
+    path = lp.save_checkpoint(a, tmp_path / "a.safetensors")
+    assert next(lp.load_checkpoint(path, dtype="torch.float32").parameters()).dtype == torch.float32
+    with pytest.raises(lp.InputError, match="floating torch.dtype"):
+        lp.tiny_model(d_model=8, n_heads=2, d_vocab=10, n_ctx=8, dtype="manual_seed")

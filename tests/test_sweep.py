@@ -1,4 +1,4 @@
-"""lp.sweep: serial and Ray engines over model specs x prompt shards, results that survive.
+"""lp.run_sweep: serial and Ray engines over model specs x prompt shards, results that survive.
 
 The Ray tests share one local runtime (``ray.init(num_cpus=2, ...)``, module scope) to
 keep worker start-ups (each imports torch and TransformerLens) to a minimum.
@@ -62,7 +62,7 @@ def _direct(spec: str):
 @pytest.fixture(scope="module")
 def serial(specs, tmp_path_factory):
     out = tmp_path_factory.mktemp("serial")
-    return lp.sweep("coupling", specs, TOKENS, shards=2, results=out, progress=False, k=K)
+    return lp.run_sweep("block_coupling", specs, TOKENS, shards=2, results=out, progress=False, top_k=K)
 
 
 # --------------------------------------------------------------------------- specs, summaries
@@ -144,7 +144,7 @@ def test_failures_are_recorded_and_the_rest_finish(specs, tmp_path):
             raise ValueError("deliberate failure")
         return {"n": model.cfg.n_layers}
 
-    df = lp.sweep(boom, [specs[0], specs[1], str(tmp_path / "missing.safetensors"), "zoo:nosuch"],
+    df = lp.run_sweep(boom, [specs[0], specs[1], str(tmp_path / "missing.safetensors"), "zoo:nosuch"],
                   TOKENS, progress=False)
     assert df["status"].tolist() == ["ok", "error", "error", "error"]
     assert df["n"].iloc[0] == 2
@@ -161,7 +161,7 @@ def test_restarted_sweep_skips_finished_keys(specs, tmp_path):
         calls.append(tokens[0].tolist())
         return {"first": int(tokens[0, 0])}
 
-    run = lambda prompts=TOKENS: lp.sweep(count, specs[:2], prompts, shards=2, results=tmp_path,
+    run = lambda prompts=TOKENS: lp.run_sweep(count, specs[:2], prompts, shards=2, results=tmp_path,
                                           progress=False)
     first = run()
     assert len(calls) == 4
@@ -182,27 +182,27 @@ def test_restarted_sweep_skips_finished_keys(specs, tmp_path):
 
 
 def test_report_section_and_named_analysis(specs):
-    df = lp.sweep("report:coupling", specs[:1], TOKENS[:2], progress=False)
+    df = lp.run_sweep("report:coupling", specs[:1], TOKENS[:2], progress=False)
     assert df["status"].tolist() == ["ok"], df["error"].tolist()
     want = lp.block_coupling(_direct(specs[0]), TOKENS[:2], progress=False).scalar()
     assert df["mean_offdiag_coupling"].iloc[0] == pytest.approx(want, abs=1e-9)
     with pytest.raises(lp.InputError, match="no public lensprobe analysis"):
-        lp.sweep("not_an_analysis", specs[:1], TOKENS)
+        lp.run_sweep("not_an_analysis", specs[:1], TOKENS)
     with pytest.raises(lp.InputError, match="shards=5 but only 4 prompts"):
-        lp.sweep("coupling", specs[:1], TOKENS, shards=5)
+        lp.run_sweep("block_coupling", specs[:1], TOKENS, shards=5)
 
 
 def test_ray_missing_gives_install_hint(monkeypatch, specs):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(lp.InputError, match=r"pip install lensprobe\[ray\]"):
-        lp.sweep("coupling", specs[:1], TOKENS, engine="ray")
+        lp.run_sweep("block_coupling", specs[:1], TOKENS, engine="ray")
 
 
 def test_cli_sweep_in_a_fresh_process_never_imports_ray(specs, tmp_path):
     gpt2 = specs[3]
     code = ("import sys; from lensprobe.cli import main;"
-            f" rc = main(['sweep', 'coupling', '--model', {gpt2!r}, '--shards', '2',"
-            f" '--kw', 'k={K}', '--out', {str(tmp_path)!r}, '--quiet',"
+            f" rc = main(['sweep', 'block_coupling', '--model', {gpt2!r}, '--shards', '2',"
+            f" '--kw', 'top_k={K}', '--out', {str(tmp_path)!r}, '--quiet',"
             " '--prompt', 'w1 w2 w3 w4', '--prompt', 'w5 w6 w7 w8 w9']);"
             " print('RAY', 'ray' in sys.modules, 'RC', rc)")
     env = dict(os.environ, PYTHONPATH=str(Path(lp.__file__).parents[1]))
@@ -211,7 +211,7 @@ def test_cli_sweep_in_a_fresh_process_never_imports_ray(specs, tmp_path):
     assert "RAY False RC 0" in out.stdout, out.stdout + out.stderr
     assert "2 tasks (2 ran, 0 skipped, 0 failed)" in out.stdout
     rows = read_results(tmp_path)
-    assert [r["analysis"] for r in rows] == [f"coupling(k={K})"] * 2
+    assert [r["analysis"] for r in rows] == [f"block_coupling(top_k={K})"] * 2
     model = lp.load_model(gpt2)
     want = lp.block_coupling(model, lp.to_tokens(model, "w5 w6 w7 w8 w9"), top_k=K, progress=False)
     assert rows[1]["scalars"]["scalar"] == pytest.approx(want.scalar(), abs=1e-6)
@@ -244,8 +244,8 @@ def ray_runtime():
 
 def test_ray_matches_serial_and_records_a_missing_spec(ray_runtime, serial, specs, tmp_path):
     missing = str(tmp_path / "no-such-model")
-    df = lp.sweep("coupling", specs + [missing], TOKENS, shards=2, engine="ray",
-                  results=tmp_path / "out", progress=False, k=K)
+    df = lp.run_sweep("block_coupling", specs + [missing], TOKENS, shards=2, engine="ray",
+                  results=tmp_path / "out", progress=False, top_k=K)
     assert len(df) == 10
     bad = df[df["model"] == missing]
     assert bad["status"].tolist() == ["error", "error"]
@@ -276,7 +276,7 @@ def kill_once(model, tokens, *, log_dir):
 
 def test_ray_retries_a_killed_worker_and_restart_skips(ray_runtime, serial, specs, tmp_path):
     out = tmp_path / "out"
-    run = lambda: lp.sweep(kill_once, specs[:2], TOKENS, shards=2, engine="ray", results=out,
+    run = lambda: lp.run_sweep(kill_once, specs[:2], TOKENS, shards=2, engine="ray", results=out,
                            max_retries=2, progress=False, log_dir=str(tmp_path))
     df = run()
     assert (tmp_path / "killed").exists()
@@ -311,3 +311,14 @@ def test_functions_using_the_package_pickle_for_workers():
         return lp.block_coupling(model, tokens)
 
     assert cloudpickle.loads(cloudpickle.dumps(uses_lp)).__globals__["lp"] is lp
+
+
+def test_the_module_is_not_shadowed_by_the_function():
+    import importlib
+    import types
+
+    mod = importlib.import_module("lensprobe.sweep")
+    import lensprobe.sweep
+
+    assert isinstance(lp.sweep, types.ModuleType) and lp.sweep is mod is lensprobe.sweep
+    assert lp.run_sweep is mod.run_sweep and callable(lp.run_sweep)

@@ -194,3 +194,58 @@ def test_bad_arguments():
         lp.train(m, object(), steps=1, progress=False)
     with pytest.raises(lp.InputError, match="steps"):
         lp.train(m, CopyTask(), steps=-1, progress=False)
+
+
+def test_train_config_equals_keywords_and_checks_its_options():
+    task = CopyTask()
+    kw = dict(steps=6, lr=5e-3, batch_size=16, eval_every=3, eval_batch_size=16)
+    a, b, c = small(seed=5), small(seed=5), small(seed=5)
+    ra = lp.train(a, task, progress=False, **kw)
+    rb = lp.train(b, task, lp.TrainConfig(**kw), progress=False)
+    rc = lp.train(c, task, lp.TrainConfig(steps=2, lr=1.0), steps=6, lr=5e-3, batch_size=16,
+                  eval_every=3, eval_batch_size=16, progress=False)  # keywords replace fields
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]) and torch.equal(v, c.state_dict()[k]), k
+    assert ra.config == rb.config == rc.config and ra.config["warmup"] == 0
+    assert [r["eval_loss"] for r in ra.history] == [r["eval_loss"] for r in rb.history]
+    with pytest.raises(lp.InputError, match="unknown options"):
+        lp.train(small(), task, steps=2, learning_rate=1e-3, progress=False)
+    with pytest.raises(lp.InputError, match="schedule"):
+        lp.TrainConfig(steps=2, schedule="linear")
+    with pytest.raises(lp.InputError, match="eval_every"):
+        lp.TrainConfig(steps=2, eval_every=0)
+    cfg = lp.TrainConfig(steps=1000).resolved()
+    assert (cfg.warmup, cfg.eval_every) == (100, 50)
+
+
+def test_train_result_table_summary_and_file(tmp_path):
+    import pandas as pd
+
+    res = lp.train(small(seed=6), CopyTask(), steps=4, lr=5e-3, batch_size=8, eval_every=2,
+                   eval_batch_size=8, checkpoint_steps=(0,), progress=False)
+    pd.testing.assert_frame_equal(res.to_dataframe(), pd.DataFrame(res.history))
+    s = res.summary()
+    assert s["steps_done"] == 4 and s["eval_loss"] == res.final["eval_loss"]
+    back = lp.TrainResult.load(res.save(tmp_path / "run.safetensors"))
+    assert back.history == res.history and back.model_ref is None
+    assert sorted(back.checkpoints) == [0, 4]
+    for k, v in res.checkpoints[0].state_dict.items():
+        assert torch.equal(back.checkpoints[0].state_dict[k], v)
+    x = CopyTask().sample(2, torch.Generator().manual_seed(3)).tokens
+    assert torch.equal(back.checkpoints[4].model(small())(x), res.model_at(4)(x))
+
+
+def test_evaluation_table_matches_its_dicts():
+    ev = lp.evaluate(small(seed=8), CopyTask(), batch_size=40, seed=3)
+    df = ev.to_dataframe()
+    assert list(df.columns) == ["difficulty", "accuracy", "loss", "count"]
+    for row in df.itertuples():
+        assert (row.accuracy, row.loss, row.count) == (ev.accuracy[row.difficulty],
+                                                       ev.loss[row.difficulty], ev.count[row.difficulty])
+    assert ev.summary()["positions"] == 160
+
+
+def test_per_difficulty_keeps_its_old_private_name():
+    from lensprobe import training
+
+    assert training._per_difficulty is training.per_difficulty

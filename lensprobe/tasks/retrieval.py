@@ -35,7 +35,7 @@ Supervision (targets read at each position's logits):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -86,6 +86,9 @@ class RetrievalTask:
 
     Vocabulary: ['<bos>', assign, separator, query] (those present), values '0'..,
     variables 'A'.. (then 'V26', 'V27' ... beyond Z).
+
+    After construction: ``hop_values`` (the main-chain lengths D that can be drawn, in
+    the order given), ``max_hops``, ``seq_len`` and ``vocab``.
     """
 
     hops: int | Sequence[int] | Mapping[int, float] = 4
@@ -103,8 +106,8 @@ class RetrievalTask:
     seq_len: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self._hop_values, self._hop_probs = _hop_distribution(self.hops)
-        self.max_hops = max(self._hop_values)
+        self.hop_values, self._hop_probs = _hop_distribution(self.hops)
+        self.max_hops = max(self.hop_values)
         if self.distractor_hops is None:
             self.distractor_hops = self.max_hops
         if self.distractor_hops < 1:
@@ -141,6 +144,11 @@ class RetrievalTask:
         self.first_stmt = 1 if self.bos else 0
         self.seq_len = self.first_stmt + self.n_statements * self.stmt_len + 2
 
+    @property
+    def _hop_values(self) -> list[int]:
+        """The old private name of :attr:`hop_values` (kept while callers move)."""
+        return self.hop_values
+
     def config(self) -> dict[str, Any]:
         """The constructor options as JSON-friendly data: ``RetrievalTask(**task.config())``."""
         hops = self.hops
@@ -163,25 +171,26 @@ class RetrievalTask:
         B, T, S = batch_size, self.seq_len, self.n_statements
         # the deepest referent: the query's D hops, or a distractor's rhs (its depth - 1)
         K = max(self.max_hops, int(self.distractor_hops) - 1)
-        tokens = np.zeros((B, T), dtype=np.int64)
-        targets = np.full((B, T), IGNORE, dtype=np.int64)
-        difficulty = np.full((B, T), -1, dtype=np.int64)
-        resolved = np.full((B, T), -1, dtype=np.int64)
-        ref_pos = np.full((B, T, K), -1, dtype=np.int64)
-        ref_lhs = np.full((B, T, K), -1, dtype=np.int64)
-        hops_needed = np.full((B, T), -1, dtype=np.int64)
-        value_of = np.full((B, self.n_vars), -1, dtype=np.int64)
-        main_hops = rng.choice(self._hop_values, size=B, p=self._hop_probs)
+        row = _Row(
+            tokens=np.zeros((B, T), dtype=np.int64),
+            targets=np.full((B, T), IGNORE, dtype=np.int64),
+            difficulty=np.full((B, T), -1, dtype=np.int64),
+            resolved=np.full((B, T), -1, dtype=np.int64),
+            ref_pos=np.full((B, T, K), -1, dtype=np.int64),
+            ref_lhs=np.full((B, T, K), -1, dtype=np.int64),
+            hops_needed=np.full((B, T), -1, dtype=np.int64),
+            value_of=np.full((B, self.n_vars), -1, dtype=np.int64),
+        )
+        main_hops = rng.choice(self.hop_values, size=B, p=self._hop_probs)
         for b in range(B):
-            self._one(rng, int(main_hops[b]), tokens[b], targets[b], difficulty[b], resolved[b],
-                      ref_pos[b], ref_lhs[b], hops_needed[b], value_of[b])
-        t = lambda a: torch.from_numpy(a)  # noqa: E731
+            self._one(rng, int(main_hops[b]), row[b])
+        t = torch.from_numpy
         info: dict[str, Any] = {
-            "ref_pos": t(ref_pos),
-            "ref_lhs": t(ref_lhs),
-            "hops": t(hops_needed),
-            "resolved": t(resolved),
-            "value_of": t(value_of),
+            "ref_pos": t(row.ref_pos),
+            "ref_lhs": t(row.ref_lhs),
+            "hops": t(row.hops_needed),
+            "resolved": t(row.resolved),
+            "value_of": t(row.value_of),
             "main_hops": t(main_hops.astype(np.int64)),
             "query_pos": T - 1,
             "stmt_len": self.stmt_len,
@@ -189,21 +198,26 @@ class RetrievalTask:
             "stmt_lhs": torch.arange(S) * self.stmt_len + self.first_stmt,
             "literals": (self.value_offset, self.value_offset + self.n_values),
         }
-        return Batch(t(tokens), t(targets), t(difficulty), info)
+        return Batch(t(row.tokens), t(row.targets), t(row.difficulty), info)
 
-    def _one(self, rng: np.random.Generator, D: int, tokens: np.ndarray, targets: np.ndarray,
-             difficulty: np.ndarray, resolved: np.ndarray, ref_pos: np.ndarray,
-             ref_lhs: np.ndarray, hops_needed: np.ndarray, value_of: np.ndarray) -> None:
-        S = self.n_statements
+    def _one(self, rng: np.random.Generator, D: int, row: "_Row") -> None:
+        """Fill one sequence's row of every array (``row`` holds views of row ``b``)."""
+        chains = self._chains(rng, D, row.value_of)
+        stmts = self._order(rng, [len(c) for c in chains])
+        where, q = self._write(chains, stmts, row.tokens)
+        self._supervise(chains, where, q, row)
+
+    def _chains(self, rng: np.random.Generator, D: int, value_of: np.ndarray) -> list[list[tuple]]:
+        """The main chain (length D) then distractor chains filling ``n_statements``:
+        ``chains[c]`` = list of (var, rhs) with rhs = ('val', v) or ('var', u)."""
         lengths = [D]
-        left = S - D
+        left = self.n_statements - D
         while left > 0:
-            n = int(rng.integers(1, self.distractor_hops + 1))
-            n = min(n, left)
+            n = min(int(rng.integers(1, self.distractor_hops + 1)), left)
             lengths.append(n)
             left -= n
-        var_ids = rng.permutation(self.n_vars)[:S]
-        chains, k = [], 0  # chains[c] = list of (var, rhs) with rhs = ('val', v) or ('var', u)
+        var_ids = rng.permutation(self.n_vars)[: self.n_statements]
+        chains, k = [], 0
         for n in lengths:
             vs = var_ids[k : k + n]
             k += n
@@ -211,24 +225,33 @@ class RetrievalTask:
             chain = [(int(vs[0]), ("val", lit))]
             chain += [(int(vs[j]), ("var", int(vs[j - 1]))) for j in range(1, n)]
             chains.append(chain)
-            for v in vs:
-                value_of[v] = self.value_offset + lit
+            value_of[vs] = self.value_offset + lit
+        return chains
+
+    def _order(self, rng: np.random.Generator, lengths: list[int]) -> list[tuple[int, int]]:
+        """The statements' order as (chain, index in chain): interleaved (each chain in
+        order) or shuffled."""
         if self.order == "interleaved":
-            slots = np.repeat(np.arange(len(chains)), lengths)
+            slots = np.repeat(np.arange(len(lengths)), lengths)
             rng.shuffle(slots)
-            cursor = [0] * len(chains)
+            cursor = [0] * len(lengths)
             stmts = []
             for c in slots:
                 stmts.append((c, cursor[c]))
                 cursor[c] += 1
-        else:
-            stmts = [(c, j) for c, n in enumerate(lengths) for j in range(n)]
-            stmts = [stmts[i] for i in rng.permutation(len(stmts))]
+            return stmts
+        stmts = [(c, j) for c, n in enumerate(lengths) for j in range(n)]
+        return [stmts[i] for i in rng.permutation(len(stmts))]
+
+    def _write(self, chains: list[list[tuple]], stmts: list[tuple[int, int]],
+               tokens: np.ndarray) -> tuple[dict[int, int], int]:
+        """Write the statements and the query; returns variable -> lhs position of its
+        statement, and the query variable's position."""
         pos = 0
         if self.bos:
             tokens[0] = self._tok["<bos>"]
             pos = 1
-        where: dict[int, int] = {}  # variable -> lhs position of its statement
+        where: dict[int, int] = {}
         for c, j in stmts:
             var, (kind, x) = chains[c][j]
             where[var] = pos
@@ -240,8 +263,12 @@ class RetrievalTask:
                 tokens[pos + self.stmt_len - 1] = self._tok[self.separator]
             pos += self.stmt_len
         tokens[pos] = self._tok[self.query]
-        query_var = chains[0][-1][0]
-        tokens[pos + 1] = self.var_offset + query_var
+        tokens[pos + 1] = self.var_offset + chains[0][-1][0]
+        return where, pos + 1
+
+    def _supervise(self, chains: list[list[tuple]], where: dict[int, int], q: int, row: "_Row") -> None:
+        """Referents, hop counts, resolved values and targets of every right-hand side and
+        of the query at ``q``."""
         defn = {var: rhs for chain in chains for var, rhs in chain}
         depth = {chain[j][0]: j + 1 for chain in chains for j in range(len(chain))}
 
@@ -252,8 +279,8 @@ class RetrievalTask:
                 lhs = where[v]
                 if lhs > i:  # defined later: a causal model cannot use it
                     return -1
-                ref_lhs[i, k] = lhs
-                ref_pos[i, k] = lhs + self.rhs_offset
+                row.ref_lhs[i, k] = lhs
+                row.ref_pos[i, k] = lhs + self.rhs_offset
                 k += 1
                 kind, x = defn[v]
                 v = x if kind == "var" else None
@@ -263,22 +290,22 @@ class RetrievalTask:
             i = lhs + self.rhs_offset
             kind, x = defn[var]
             n = fill(i, x if kind == "var" else None)
-            resolved[i] = value_of[var]
+            row.resolved[i] = row.value_of[var]
             if n < 0:
-                ref_pos[i] = -1
-                ref_lhs[i] = -1
+                row.ref_pos[i] = -1
+                row.ref_lhs[i] = -1
                 continue
-            hops_needed[i] = n
+            row.hops_needed[i] = n
             assert n == depth[var] - 1
             if self.supervision == "curriculum":
-                targets[i] = value_of[var]
-                difficulty[i] = n
-        q = pos + 1
+                row.targets[i] = row.value_of[var]
+                row.difficulty[i] = n
+        query_var = chains[0][-1][0]
         n = fill(q, query_var)
-        resolved[q] = value_of[query_var]
-        hops_needed[q] = n
-        targets[q] = value_of[query_var]
-        difficulty[q] = n
+        row.resolved[q] = row.value_of[query_var]
+        row.hops_needed[q] = n
+        row.targets[q] = row.value_of[query_var]
+        row.difficulty[q] = n
 
     # ------------------------------------------------------------------ strings
     def str_tokens(self, tokens: torch.Tensor) -> list[str]:
@@ -293,7 +320,7 @@ class RetrievalTask:
     def difficulties(self) -> list[int]:
         """Difficulties that can appear (hop counts)."""
         if self.supervision == "final":
-            return list(self._hop_values)
+            return list(self.hop_values)
         return list(range(0, self.max_hops + 1))
 
     def literal_guess(self, batch: Batch) -> dict[int, float]:
@@ -307,6 +334,23 @@ class RetrievalTask:
         guess = 1.0 / onehot.sum(1).double()
         D = batch.info["main_hops"]
         return {int(d): float(guess[D == d].mean()) for d in torch.unique(D)}
+
+
+@dataclass(frozen=True)
+class _Row:
+    """The arrays ``sample`` fills (each [batch, ...]); ``row[b]`` gives views of row b."""
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    difficulty: np.ndarray
+    resolved: np.ndarray
+    ref_pos: np.ndarray
+    ref_lhs: np.ndarray
+    hops_needed: np.ndarray
+    value_of: np.ndarray
+
+    def __getitem__(self, b: int) -> "_Row":
+        return _Row(*(getattr(self, f.name)[b] for f in fields(self)))
 
 
 def _hop_distribution(hops: Any) -> tuple[list[int], list[float]]:
