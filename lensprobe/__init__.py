@@ -101,24 +101,52 @@ if TYPE_CHECKING:  # pragma: no cover  (re-exports for type checkers and IDEs)
     from ._tl import BACKEND, TL_VERSION
     from .core import guard, hooked_fn, jacobian, jvp_cols, run_hooked, vjp_rows
     from .coupling import (
-        CouplingTracker, block_coupling, block_jacobians, coupling_metric, coupling_through_training,
+        CouplingTracker,
+        block_coupling,
+        block_jacobians,
+        coupling_metric,
+        coupling_through_training,
         trajectory_metrics,
     )
+    from .induction import InductionEmergence, InductionHeads, induction_emergence, induction_heads
     from .inputs import to_tokens
     from .models import load_checkpoint, load_model, save_checkpoint, tiny_model, word_tokenizer
     from .oversquash import CollapsePair, collapse_curve, path_bound, sensitivity
     from .priority import (
-        AlignmentCurve, GraphSVM, InfeasibleError, PriorityAlignment, Retrieval,
-        TokenPriorityGraph, alignment_curve, graph_svm, head_W, priority_alignment,
-        priority_loss, priority_model, retrieval_graph_view, train_priority,
+        AlignmentCurve,
+        GraphSVM,
+        InfeasibleError,
+        PriorityAlignment,
+        Retrieval,
+        TokenPriorityGraph,
+        alignment_curve,
+        graph_svm,
+        head_W,
+        priority_alignment,
+        priority_loss,
+        priority_model,
+        retrieval_graph_view,
+        train_priority,
     )
     from .smoothing import (
-        dominance, flip_ln_gamma, ov_spectrum, sign_controlled, smoothing_profile,
+        dominance,
+        flip_ln_gamma,
+        ov_spectrum,
+        sign_controlled,
+        smoothing_profile,
     )
     from .stacking import (
-        DepthStudy, Emergence, HopScores, StackEntry, StackedHeads, depth_study, emergence,
-        hop_scores, load_depth_study, query_accuracy, stacked_heads,
+        DepthStudy,
+        Emergence,
+        HopScores,
+        StackedHeads,
+        StackEntry,
+        depth_study,
+        emergence,
+        hop_scores,
+        load_depth_study,
+        query_accuracy,
+        stacked_heads,
     )
-    from .induction import InductionEmergence, InductionHeads, induction_emergence, induction_heads
     from .sweep import run_sweep
     from .training import TrainConfig, TrainResult, evaluate, train

@@ -266,29 +266,39 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
 def _decode(value: Any, tensors: Mapping[str, torch.Tensor], where: str) -> Any:
     if isinstance(value, list):
         return [_decode(v, tensors, where) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
     if not isinstance(value, dict):
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
         raise InputError(f"{where}: unexpected value {value!r} in result metadata.")
-    if len(value) == 1 and "$tensor" in value:
-        if value["$tensor"] not in tensors:
-            raise InputError(f"{where}: tensor {value['$tensor']!r} is missing from the file.")
-        return tensors[value["$tensor"]]
-    if len(value) == 1 and "$tuple" in value:
-        return tuple(_decode(v, tensors, where) for v in value["$tuple"])
-    if len(value) == 1 and "$dict" in value:
-        return {_freeze(_decode(k, tensors, where)): _decode(v, tensors, where) for k, v in value["$dict"]}
-    if len(value) == 1 and "$path" in value:
-        return Path(str(value["$path"]))
-    if set(value) == {"$result", "fields"}:
-        cls = Result._registry.get(value["$result"])
-        if cls is None or not cls.__module__.startswith("lensprobe."):
-            raise InputError(f"{where}: {value['$result']!r} is not a lensprobe result class.")
-        fields = value["fields"]
-        if not isinstance(fields, dict):
-            raise InputError(f"{where}: fields of {value['$result']} are not a mapping.")
-        return cls._from_state({k: _decode(v, tensors, where) for k, v in fields.items()})
-    raise InputError(f"{where}: unexpected object {sorted(value)} in result metadata.")
+    tag = next(iter(value), None) if len(value) == 1 else ("$result" if set(value) == {"$result", "fields"} else None)
+    if tag not in _DECODERS:
+        raise InputError(f"{where}: unexpected object {sorted(value)} in result metadata.")
+    return _DECODERS[tag](value, tensors, where)
+
+
+def _decode_tensor(value: dict, tensors: Mapping[str, torch.Tensor], where: str) -> torch.Tensor:
+    if value["$tensor"] not in tensors:
+        raise InputError(f"{where}: tensor {value['$tensor']!r} is missing from the file.")
+    return tensors[value["$tensor"]]
+
+
+def _decode_result(value: dict, tensors: Mapping[str, torch.Tensor], where: str) -> Result:
+    cls = Result._registry.get(value["$result"])
+    if cls is None or not cls.__module__.startswith("lensprobe."):
+        raise InputError(f"{where}: {value['$result']!r} is not a lensprobe result class.")
+    fields = value["fields"]
+    if not isinstance(fields, dict):
+        raise InputError(f"{where}: fields of {value['$result']} are not a mapping.")
+    return cls._from_state({k: _decode(v, tensors, where) for k, v in fields.items()})
+
+
+_DECODERS: dict[str, Any] = {
+    "$tensor": _decode_tensor,
+    "$tuple": lambda v, t, w: tuple(_decode(x, t, w) for x in v["$tuple"]),
+    "$dict": lambda v, t, w: {_freeze(_decode(k, t, w)): _decode(x, t, w) for k, x in v["$dict"]},
+    "$path": lambda v, t, w: Path(str(v["$path"])),
+    "$result": _decode_result,
+}
 
 
 def _freeze(key: Any) -> Any:
