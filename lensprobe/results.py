@@ -218,7 +218,12 @@ class Result:
             raise InputError(f"{str(path)!r}: result metadata is not valid JSON: {e}") from e
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
             raise InputError(f"{str(path)!r}: unknown result format {meta.get('format') if isinstance(meta, dict) else meta!r}.")
-        out = _decode(meta.get("data"), tensors, str(path))
+        try:
+            out = _decode(meta.get("data"), tensors, str(path))
+        except (TypeError, ValueError, KeyError, AttributeError) as e:  # malformed metadata
+            if isinstance(e, InputError):
+                raise
+            raise InputError(f"{str(path)!r}: malformed result metadata ({type(e).__name__}: {e}).") from e
         if not isinstance(out, cls):
             raise InputError(f"{str(path)!r} holds a {type(out).__name__}, not a {cls.__name__}.")
         return out

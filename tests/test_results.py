@@ -136,6 +136,10 @@ def test_load_refuses_foreign_classes_and_files(tmp_path):
     save_file({"x": torch.zeros(1)}, str(p), metadata={"lensprobe_result": json.dumps(meta)})
     with pytest.raises(InputError, match="not a lensprobe result class"):
         Result.load(p)
+    meta = {"format": 1, "data": {"$dict": 5}}
+    save_file({"x": torch.zeros(1)}, str(p), metadata={"lensprobe_result": json.dumps(meta)})
+    with pytest.raises(InputError, match="malformed"):
+        Result.load(p)
     save_file({"x": torch.zeros(1)}, str(p))
     with pytest.raises(InputError, match="not written by"):
         Result.load(p)
