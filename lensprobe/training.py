@@ -134,12 +134,12 @@ def evaluate(
     """Accuracy (and loss) per difficulty of ``model`` on a task sample or a given batch.
 
     A task is sampled with ``torch.Generator().manual_seed(seed)``. The model is left as
-    found (run inside :func:`lensprobe.guard`).
+    found (run inside :func:`lensprobe.guard`); NaN/inf logits raise NonFiniteError.
     """
     _tl.require_model(model)
     batch = _as_batch(task_or_batch, batch_size, seed)
     with guard(model), torch.no_grad():
-        logits = model(to_tokens(model, batch.tokens))
+        logits = check_finite(model(to_tokens(model, batch.tokens)), "logits")
     return per_difficulty(logits, batch)
 
 
