@@ -133,6 +133,36 @@ def run(name: str, cfg: dict, seed: int = 0, save: str | None = None) -> dict:
     return out
 
 
+def finetune(name: str, cfg: dict, seed: int, save: str, steps: int, lr: float) -> dict:
+    """Phase 2 of a saved run (as the shipped 4-layer model had): a fresh AdamW at ``lr``
+    with cosine decay for at most ``steps`` steps (stopping at >= 98% on every difficulty),
+    saved as ``<save>/<name>+ft_s<seed>.safetensors`` and recorded as ``<name>+ft``."""
+    task = RetrievalTask(**cfg["task"])
+    model = lp.load_checkpoint(Path(save) / f"{name}_s{seed}.safetensors")
+    log = []
+
+    def stop(step, m, rec):
+        accs = {int(k[4:]): v for k, v in rec.items() if k.startswith("acc_")}
+        log.append(f"{step} {rec['seconds']:.0f}s " + " ".join(f"{d}:{a:.2f}" for d, a in accs.items()))
+        print(name + "+ft", log[-1], flush=True)
+        return min(accs.values()) >= 0.98
+
+    res = lp.train(model, task, steps=steps, seed=seed + 7919, callbacks=[stop], progress=False,
+                   **dict(BASE_TRAIN, lr=lr, warmup=50, schedule="cosine"))
+    fresh = task.sample(2048, torch.Generator().manual_seed(123_456))
+    probe = task.sample(256, torch.Generator().manual_seed(99))
+    st = lp.stacked_heads(model, probe)
+    lp.save_checkpoint(model, Path(save) / f"{name}+ft_s{seed}.safetensors", vocab=task.vocab,
+                       extra={"task": task.config(), "config": name + "+ft"})
+    return dict(name=name + "+ft", seed=seed, phase2=dict(lr=lr, schedule="cosine", warmup=50, step_cap=steps),
+                steps=res.steps_done, seconds=round(res.seconds, 1), query_accuracy=lp.query_accuracy(model, fresh),
+                literal_guess=task.literal_guess(fresh), stack=[_entry(s) for s in st.stack],
+                increasing=st.increasing, task=task.config(), seq_len=task.seq_len,
+                model=dict(BASE_MODEL, **cfg["model"]), train=dict(BASE_TRAIN, **cfg["train"]),
+                history=[{k: round(v, 4) for k, v in r.items()
+                          if k == "step" or k.startswith(("acc_", "loss_"))} for r in res.history])
+
+
 def _entry(s) -> dict:
     """A stack entry as a plain dict (entries are dataclasses or dicts)."""
     d = dataclasses.asdict(s) if dataclasses.is_dataclass(s) else dict(s)
@@ -145,26 +175,33 @@ def ship(config: str, name: str, seeds: list[int], runs_path: str, workdir: str)
     CONFIG --seed S --save WORKDIR`` first: accuracy per hop count, emergence) with the
     stack and head ablations measured here on the saved model."""
     zoo = Path(lp.__file__).parent / "zoo"
-    recs = {r["seed"]: r for r in map(json.loads, Path(runs_path).read_text().splitlines())
-            if r.get("name") == config}
-    missing = [s for s in seeds if s not in recs]
+    base = config.split("+")[0]  # "A6+ft": phase 2 of A6
+    lines = [json.loads(line) for line in Path(runs_path).read_text().splitlines() if line.strip()]
+    recs = {r["seed"]: r for r in lines if r.get("name") == config}
+    phase1 = {r["seed"]: r for r in lines if r.get("name") == base}
+    missing = [s for s in seeds if s not in recs or s not in phase1]
     if missing:
-        raise SystemExit(f"no record of {config} for seeds {missing} in {runs_path}; run them first.")
-    task = RetrievalTask(**CONFIGS[config]["task"])
+        raise SystemExit(f"no record of {config} (and {base}) for seeds {missing} in {runs_path}; run them first.")
+    task = RetrievalTask(**CONFIGS[base]["task"])
     fresh = task.sample(2048, torch.Generator().manual_seed(123_456))
     probe = task.sample(256, torch.Generator().manual_seed(99))
     runs = []
     for seed in seeds:
         model = lp.load_checkpoint(Path(workdir) / f"{config}_s{seed}.safetensors")
         st = lp.stacked_heads(model, probe)
-        rec = {k: recs[seed][k] for k in ("seed", "steps", "seconds", "literal_guess", "emergence", "history")
-               if k in recs[seed]}
-        rec.update(query_accuracy=lp.query_accuracy(model, fresh), stack=[_entry(s) for s in st.stack],
-                   increasing=st.increasing, hop_profile=st.hop_profile, clean_accuracy=st.clean_accuracy,
-                   ablation=st.ablation)
+        p1, p2 = phase1[seed], recs[seed]
+        rec = dict(seed=seed, phase1_steps=p1["steps"], phase1_seconds=p1["seconds"],
+                   phase1_query_accuracy=p1["query_accuracy"], emergence=p1.get("emergence"),
+                   phase1_history=p1.get("history"))
+        if p2 is not p1:
+            rec.update(phase2=p2.get("phase2"), phase2_steps=p2["steps"], phase2_seconds=p2["seconds"],
+                       phase2_history=p2.get("history"))
+        rec.update(literal_guess=p1["literal_guess"], query_accuracy=lp.query_accuracy(model, fresh),
+                   stack=[_entry(s) for s in st.stack], increasing=st.increasing, hop_profile=st.hop_profile,
+                   clean_accuracy=st.clean_accuracy, ablation=st.ablation)
         runs.append(rec)
     shutil.copy(Path(workdir) / f"{config}_s{seeds[0]}.safetensors", zoo / f"{name}.safetensors")
-    cfg = CONFIGS[config]
+    cfg = CONFIGS[base]
     card = dict(
         name=name, script="scripts/logdepth_experiments.py", config_name=config,
         paper="Musat, Mechanism and Emergence of Stacked Attention Heads in Multi-Layer Transformers (ICLR 2025)",
@@ -215,11 +252,20 @@ def main() -> None:
     ap.add_argument("--ship", default=None, metavar="NAME",
                     help="ship the saved --run CONFIG runs of --seeds (first one's model) as lp.zoo NAME")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--finetune", type=int, default=None, metavar="STEPS",
+                    help="phase 2 of the saved --run CONFIG --seed run: cosine from --ft-lr for STEPS steps")
+    ap.add_argument("--ft-lr", type=float, default=5e-4)
     args = ap.parse_args()
     if args.list:
         print(json.dumps(CONFIGS, indent=1))
         return
     torch.set_num_threads(args.threads)
+    if args.finetune:
+        rec = finetune(args.run, CONFIGS[args.run], args.seed, args.save or "logs/ckpt", args.finetune, args.ft_lr)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps({k: rec[k] for k in ("name", "seed", "steps", "seconds", "query_accuracy")}), flush=True)
+        return
     if args.ship:
         ship(args.run, args.ship, [int(v) for v in args.seeds.split(",")], args.out, args.save or "logs/ckpt")
         return
