@@ -9,6 +9,8 @@ accuracy per D on 2048 fresh sequences per seed, beside the literal-guess chance
 
     python scripts/depth_study.py                       # writes the shipped JSON
     python scripts/depth_study.py --steps 200 --out /tmp/ds.json --plot /tmp/ds.png
+    python scripts/depth_study.py --seeds 1 --out /tmp/s1.json   # one process per seed, then
+    python scripts/depth_study.py --merge /tmp/s0.json /tmp/s1.json   # writes the shipped JSON
 
 The shipped record was trained on a shared 2-core CPU with one thread per run; its
 step budget (``config.steps``) is a small fraction of the paper's ~24k steps, so read
@@ -72,6 +74,20 @@ def solved(step, model, rec) -> bool:
     return min(accs) >= 0.98
 
 
+def merge(paths: list[str], out: str) -> None:
+    """Join studies run per seed (e.g. one process per seed) into one record, seeds in order."""
+    parts = [lp.DepthStudy.from_dict(json.loads(Path(p).read_text())) for p in paths]
+    first = parts[0]
+    if any(p.layers != first.layers or p.hops != first.hops or p.config != first.config for p in parts):
+        raise SystemExit("the studies differ in layers, hops or configuration; they cannot be joined.")
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts], dim=1)  # noqa: E731
+    res = lp.DepthStudy(cat("accuracy"), first.layers, [s for p in parts for s in p.seeds], first.hops,
+                        first.config, cat("chance"), cat("steps_done"), cat("seconds"))
+    data = dict(res.to_dict(), **{k: v for k, v in json.loads(Path(paths[0]).read_text()).items()
+                                  if k in ("script", "backend", "threads")})
+    Path(out).write_text(json.dumps(data, separators=(",", ":")) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4000)
@@ -80,7 +96,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--plot", default=None, help="also save the figure here (PNG)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--merge", nargs="+", default=None, help="join per-seed study files into --out")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     torch.set_num_threads(args.threads)
     task = RetrievalTask(**TASK)
     layers = [int(v) for v in args.layers.split(",")]
