@@ -75,14 +75,21 @@ def solved(step, model, rec) -> bool:
 
 
 def merge(paths: list[str], out: str) -> None:
-    """Join studies run per seed (e.g. one process per seed) into one record, seeds in order."""
+    """Join studies run per seed (one process per seed) into one record: from each file
+    the seeds it measured (cells that are not all NaN), in seed order."""
     parts = [lp.DepthStudy.from_dict(json.loads(Path(p).read_text())) for p in paths]
     first = parts[0]
     if any(p.layers != first.layers or p.hops != first.hops or p.config != first.config for p in parts):
         raise SystemExit("the studies differ in layers, hops or configuration; they cannot be joined.")
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts], dim=1)  # noqa: E731
-    res = lp.DepthStudy(cat("accuracy"), first.layers, [s for p in parts for s in p.seeds], first.hops,
-                        first.config, cat("chance"), cat("steps_done"), cat("seconds"))
+    cols: dict[int, tuple] = {}
+    for p in parts:
+        for i, seed in enumerate(p.seeds):
+            if not bool(p.accuracy[:, i].isnan().all()) and seed not in cols:
+                cols[seed] = (p, i)
+    seeds = sorted(cols)
+    cat = lambda name: torch.stack([getattr(cols[s][0], name)[:, cols[s][1]] for s in seeds], dim=1)  # noqa: E731
+    res = lp.DepthStudy(cat("accuracy"), first.layers, seeds, first.hops, first.config, cat("chance"),
+                        cat("steps_done"), cat("seconds"))
     data = dict(res.to_dict(), **{k: v for k, v in json.loads(Path(paths[0]).read_text()).items()
                                   if k in ("script", "backend", "threads")})
     Path(out).write_text(json.dumps(data, separators=(",", ":")) + "\n")
