@@ -327,7 +327,7 @@ def test_default_chunk_is_memory_bounded():
 
 # --------------------------------------------------------------------------- item 14
 @pytest.mark.parametrize("bad", [2.5, [0, 1.0], "0", [], [[0]], True])
-@pytest.mark.parametrize("fn", ["ov_spectrum", "dominance", "block_jacobians", "coupling"])
+@pytest.mark.parametrize("fn", ["ov_spectrum", "dominance", "block_jacobians", "block_coupling"])
 def test_layers_argument_is_checked_once_for_all(tiny, fn, bad):
     model = tiny()
     args = () if fn == "ov_spectrum" else (TOKENS,)
