@@ -225,7 +225,7 @@ def summarize(runs_path: str, out: str, notes: list[dict]) -> None:
     runs = [json.loads(line) for line in Path(runs_path).read_text().splitlines() if line.strip()]
     keep = ("name", "seed", "task", "seq_len", "model", "train", "step_cap", "seconds_cap", "steps",
             "seconds", "wall_seconds", "query_accuracy", "literal_guess", "stack", "increasing",
-            "emergence", "clean_accuracy", "ablation")
+            "emergence", "clean_accuracy", "ablation", "phase2")
     rnd = lambda d: {k: round(v, 4) for k, v in d.items()}  # noqa: E731
     rows = []
     for r in runs:
