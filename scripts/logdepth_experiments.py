@@ -38,55 +38,41 @@ from lensprobe.tasks.retrieval import RetrievalTask
 # Compact statements "A B" (A := B; no '=' and no separator): shorter sequences, so
 # more steps per CPU second. Measured: with rotary (relative) positions nothing marks
 # which token of a pair is the left-hand side, and A4/B4 stayed at the literal-guess
-# level for 11.7k/7k steps (A1-B4); the shipped 4-layer recipe's "A = B" statements
+# level for 11.9k/7.2k steps (A1-B4); the shipped 4-layer recipe's "A = B" statements
 # (ASSIGN) mark it, and the A5/B5 runs use them.
 COMPACT = dict(assign=None, separator=None)
 ASSIGN = dict(assign="=", separator=None)
+# chains of 1-4 hops among 6 statements; of 1-8 among 10 (so that an 8-hop chain has
+# distractors: with 8 statements its literal is the only one in the sequence)
+SHORT = dict(hops=[1, 2, 3, 4], n_statements=6, n_vars=12, n_values=10)
+LONG = dict(hops=list(range(1, 9)), n_statements=10, n_vars=14, n_values=10)
+
+
+def _cfg(task: dict, layers: int, lr: float, warmup: int, steps: int, seconds: float, heads: int = 4,
+         d_model: int = 64, emergence: bool = True, **model) -> dict:
+    return dict(task=task, model=dict(n_layers=layers, n_heads=heads, d_model=d_model, **model),
+                train=dict(lr=lr, warmup=warmup), steps=steps, seconds=seconds, emergence=emergence)
+
 
 CONFIGS: dict[str, dict] = {
     # 2 layers on 1-4 hops: the bound itself (log_3(2*4) = 1.89)
-    "A1": dict(task=dict(hops=[1, 2, 3, 4], n_statements=6, n_vars=12, n_values=10, **COMPACT),
-               model=dict(n_layers=2, n_heads=4, d_model=64),
-               train=dict(lr=3e-3, warmup=100), steps=2500, seconds=260),
-    "A2": dict(task=dict(hops=[1, 2, 3, 4], n_statements=6, n_vars=12, n_values=10, **COMPACT),
-               model=dict(n_layers=2, n_heads=8, d_model=128),
-               train=dict(lr=1e-3, warmup=300), steps=2500, seconds=260),
-    "A3": dict(task=dict(hops=[1, 2, 3, 4], n_statements=6, n_vars=12, n_values=10,
-                         distractor_hops=1, **COMPACT),
-               model=dict(n_layers=2, n_heads=4, d_model=64),
-               train=dict(lr=3e-3, warmup=100), steps=2500, seconds=260),
-    # 3 layers on 1-8 hops (log_3(2*8) = 2.52); 10 statements so that an 8-hop chain
-    # has distractors (with 8 statements its literal is the only one in the sequence)
-    "B1": dict(task=dict(hops=list(range(1, 9)), n_statements=10, n_vars=14, n_values=10, **COMPACT),
-               model=dict(n_layers=3, n_heads=4, d_model=64),
-               train=dict(lr=3e-3, warmup=100), steps=5000, seconds=620, emergence=True),
-    "B2": dict(task=dict(hops=list(range(1, 9)), n_statements=10, n_vars=14, n_values=10, **COMPACT),
-               model=dict(n_layers=3, n_heads=8, d_model=128),
-               train=dict(lr=1e-3, warmup=500), steps=5000, seconds=620, emergence=True),
-    "B3": dict(task=dict(hops=list(range(1, 9)), n_statements=10, n_vars=14, n_values=10,
-                         distractor_hops=2, **COMPACT),
-               model=dict(n_layers=3, n_heads=4, d_model=64),
-               train=dict(lr=3e-3, warmup=100), steps=5000, seconds=620, emergence=True),
+    "A1": _cfg(dict(**SHORT, **COMPACT), 2, 3e-3, 100, 2500, 260, emergence=False),
+    "A2": _cfg(dict(**SHORT, **COMPACT), 2, 1e-3, 300, 2500, 260, heads=8, d_model=128, emergence=False),
+    "A3": _cfg(dict(**SHORT, distractor_hops=1, **COMPACT), 2, 3e-3, 100, 2500, 260, emergence=False),
+    # 3 layers on 1-8 hops (log_3(2*8) = 2.52)
+    "B1": _cfg(dict(**LONG, **COMPACT), 3, 3e-3, 100, 5000, 620),
+    "B2": _cfg(dict(**LONG, **COMPACT), 3, 1e-3, 500, 5000, 620, heads=8, d_model=128),
+    "B3": _cfg(dict(**LONG, distractor_hops=2, **COMPACT), 3, 3e-3, 100, 5000, 620),
     # the budgets A1/B1 lacked: the shipped 4-layer model sat on a plateau for ~1500
     # steps before its 1-hop head formed, so these run up to 15k / 25k steps
-    "A4": dict(task=dict(hops=[1, 2, 3, 4], n_statements=6, n_vars=12, n_values=10, **COMPACT),
-               model=dict(n_layers=2, n_heads=4, d_model=64),
-               train=dict(lr=3e-3, warmup=100), steps=15000, seconds=1800, emergence=True),
-    "B4": dict(task=dict(hops=list(range(1, 9)), n_statements=10, n_vars=14, n_values=10, **COMPACT),
-               model=dict(n_layers=3, n_heads=4, d_model=64),
-               train=dict(lr=3e-3, warmup=100), steps=25000, seconds=3000, emergence=True),
-    "A5": dict(task=dict(hops=[1, 2, 3, 4], n_statements=6, n_vars=12, n_values=10, **ASSIGN),
-               model=dict(n_layers=2, n_heads=4, d_model=64),
-               train=dict(lr=3e-3, warmup=100), steps=15000, seconds=1800, emergence=True),
-    "B5": dict(task=dict(hops=list(range(1, 9)), n_statements=10, n_vars=14, n_values=10, **ASSIGN),
-               model=dict(n_layers=3, n_heads=4, d_model=64),
-               train=dict(lr=3e-3, warmup=100), steps=25000, seconds=3000, emergence=True),
+    "A4": _cfg(dict(**SHORT, **COMPACT), 2, 3e-3, 100, 15000, 1800),
+    "B4": _cfg(dict(**LONG, **COMPACT), 3, 3e-3, 100, 25000, 3000),
+    "A5": _cfg(dict(**SHORT, **ASSIGN), 2, 3e-3, 100, 15000, 1800),
+    "B5": _cfg(dict(**LONG, **ASSIGN), 3, 3e-3, 100, 25000, 3000),
     # GPT-2 style: learned absolute positions and MLPs. With rotary positions and no
     # MLP a position's value carries no position, so a layer can follow a chain only by
     # token identity; A5 (rotary) sat at 0.61 on 1 hop after 10k steps
-    "A6": dict(task=dict(hops=[1, 2, 3, 4], n_statements=6, n_vars=12, n_values=10, **ASSIGN),
-               model=dict(n_layers=2, n_heads=4, d_model=64, positional="standard", attn_only=False),
-               train=dict(lr=1e-3, warmup=300), steps=15000, seconds=1800, emergence=True),
+    "A6": _cfg(dict(**SHORT, **ASSIGN), 2, 1e-3, 300, 15000, 1800, positional="standard", attn_only=False),
 }
 BASE_MODEL = dict(attn_only=True, positional="rotary")
 BASE_TRAIN = dict(batch_size=128, weight_decay=0.01, eval_every=100, eval_batch_size=512)
