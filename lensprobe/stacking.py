@@ -144,7 +144,7 @@ class HopScores(Result):
 
     @property
     def best_baseline_name(self) -> list[list[list[str]]]:
-        """[layer][head][hop] the name of the largest hop baseline."""
+        """Per layer, head and hop: the name of the largest hop baseline (nested lists)."""
         names = list(self.hop_baselines)
         idx = torch.stack(list(self.hop_baselines.values())).argmax(dim=0)
         return [[[names[int(v)] for v in row] for row in m] for m in idx]
