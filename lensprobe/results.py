@@ -29,6 +29,7 @@ with the same axes as a column, axis coordinates from :meth:`_coords`) or overri
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 from pathlib import Path
@@ -120,7 +121,7 @@ def frame(table: Table) -> Any:
 
 
 # --------------------------------------------------------------------------- the base
-class Result:
+class Result(abc.ABC):
     """Base class of every lensprobe result (subclasses are frozen dataclasses).
 
     ``AXES`` maps each tensor field to its axis names; ``TITLE`` is the heading of the
@@ -158,7 +159,7 @@ class Result:
         the same axes as a column."""
         axes = self.axes
         if not axes:
-            raise NotImplementedError(f"{type(self).__name__} declares no AXES and no _table().")
+            raise TypeError(f"{type(self).__name__} declares no AXES: give it AXES or override _table().")
         main = next(iter(axes))
         dims = axes[main]
         cols = {f: (dims, getattr(self, f)) for f, d in axes.items()
@@ -174,9 +175,9 @@ class Result:
         return {}
 
     # ------------------------------------------------------------------ views
+    @abc.abstractmethod
     def plot(self, **kw: Any) -> Any:
-        """A matplotlib figure of the result."""
-        raise NotImplementedError(f"{type(self).__name__} has no plot().")
+        """A matplotlib figure of the result (every result class draws its own)."""
 
     def show(self, **kw: Any) -> Any:
         """The figure (and the summary, when there is one) as a notebook :class:`View`."""

@@ -146,3 +146,12 @@ def test_load_refuses_foreign_classes_and_files(tmp_path):
     p.write_text("not a safetensors file")
     with pytest.raises(InputError, match="not a safetensors"):
         Result.load(p)
+
+
+def test_a_result_class_must_draw_itself():
+    @dataclasses.dataclass(frozen=True)
+    class NoPlot(Result):
+        x: int = 0
+
+    with pytest.raises(TypeError, match="abstract"):
+        NoPlot()
